@@ -1,0 +1,1 @@
+"""The long-running service: lifecycle, systemd notify, metrics, netlink."""

@@ -1,0 +1,1 @@
+"""mDNS records (pure), live wire queries, and the no-D-Bus fallback."""

@@ -1,0 +1,1 @@
+"""The first-boot node verifier: checks and the report."""
