@@ -1,0 +1,106 @@
+"""Command line: argument parsing and exit codes, no logic (DESIGN.md §A "Command line").
+
+Each command imports its machinery lazily, so `--help` and `verify` never load GLib or D-Bus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent import __version__, const
+from agent.config import ConfigError, Settings, load_settings
+from agent.log import EventLog, Redactor, load_salt
+
+PROG = "sugarkube-agent"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 86400 seconds")
+    return value
+
+
+def _make_log(settings: Settings, *, persistent_salt: bool) -> EventLog:
+    salt = load_salt(const.STATE_DIR / "redact-salt") if persistent_salt else b"discover"
+    redactor = Redactor(salt, addresses=settings.redact_addresses)
+    if settings.token is not None:
+        redactor.add_secret(settings.token.reveal())
+    log = EventLog(redactor=redactor)
+    log.debug_enabled = settings.mdns.debug
+    return log
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.daemon.service import serve
+
+    return asyncio.run(serve(settings, _make_log(settings, persistent_salt=True)))
+
+
+def _discover(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.discover import AvahiUnavailable, discover, render
+    from agent.mdns.records import service_type
+
+    log = _make_log(settings, persistent_salt=False)
+    try:
+        found, ms_elapsed = asyncio.run(discover(settings, args.timeout, log))
+    except AvahiUnavailable as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return const.EXIT_UNAVAILABLE
+    stype = service_type(settings.cluster, settings.env)
+    print(render(found, ms_elapsed, stype, as_json=args.json))
+    return const.EXIT_OK if found else const.EXIT_FAIL
+
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; every command takes --config and --help."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Forms a k3s cluster of Raspberry Pis over mDNS, safely."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument(
+        "--config", type=Path, metavar="PATH", default=argparse.SUPPRESS,
+        help=f"configuration file (default {const.DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument("--config", type=Path, metavar="PATH", default=None, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", parents=[config], help="the daemon (systemd ExecStart)")
+    run.set_defaults(handler=_run)
+
+    disc = commands.add_parser(
+        "discover", parents=[config], help="one-shot browse for this cluster's nodes"
+    )
+    disc.add_argument("--json", action="store_true", help="print JSON")
+    disc.add_argument(
+        "--timeout", type=_seconds, default=const.DISCOVER_TIMEOUT, metavar="S",
+        help=f"give up after S seconds (default {const.DISCOVER_TIMEOUT:g})",
+    )
+    disc.set_defaults(handler=_discover)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, load the configuration, run the command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return err.exit_code
+    handler: Command = args.handler
+    try:
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
