@@ -10,10 +10,12 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import __version__, const
 from agent.config import ConfigError, Settings, load_settings
 from agent.log import EventLog, Redactor, load_salt
+from agent.verify.command import configure_parser as command_verify_parser
 
 PROG = "sugarkube-agent"
 
@@ -59,13 +61,29 @@ def _discover(args: argparse.Namespace, settings: Settings) -> int:
     return const.EXIT_OK if found else const.EXIT_FAIL
 
 
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.verify import command
+
+    return command.run(args, settings.report_path)
+
+
 Command = Callable[[argparse.Namespace, Settings], int]
+
+
+class _Formatter(argparse.HelpFormatter):
+    """`Usage:` capitalised, as pi_node_verifier.sh printed it and the runbook quotes it."""
+
+    def add_usage(
+        self, usage: str | None, actions: Any, groups: Any, prefix: str | None = None
+    ) -> None:
+        super().add_usage(usage, actions, groups, "Usage: " if prefix is None else prefix)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; every command takes --config and --help."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Forms a k3s cluster of Raspberry Pis over mDNS, safely."
+        prog=PROG, description="Forms a k3s cluster of Raspberry Pis over mDNS, safely.",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     config = argparse.ArgumentParser(add_help=False)
@@ -75,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, metavar="PATH", default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands_kw: dict[str, Any] = {"parents": [config], "formatter_class": _Formatter}
 
-    run = commands.add_parser("run", parents=[config], help="the daemon (systemd ExecStart)")
+    run = commands.add_parser("run", help="the daemon (systemd ExecStart)", **commands_kw)
     run.set_defaults(handler=_run)
 
     disc = commands.add_parser(
-        "discover", parents=[config], help="one-shot browse for this cluster's nodes"
+        "discover", help="one-shot browse for this cluster's nodes", **commands_kw
     )
     disc.add_argument("--json", action="store_true", help="print JSON")
     disc.add_argument(
@@ -88,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"give up after S seconds (default {const.DISCOVER_TIMEOUT:g})",
     )
     disc.set_defaults(handler=_discover)
+
+    verify = commands.add_parser(
+        "verify", help="the node verifier (replaces pi_node_verifier.sh)", **commands_kw
+    )
+    command_verify_parser(verify)
+    verify.set_defaults(handler=_verify)
     return parser
 
 
