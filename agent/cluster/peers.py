@@ -56,9 +56,9 @@ class PeerTable:
         self._ignored.pop(record.name, None)
         peer = Peer(record.name, record.host, record.address, advert, record.local)
         previous = self._peers.get(record.name)
-        if previous == peer:
-            return None
         self._peers[record.name] = peer
+        if previous is not None and (previous.advert, previous.host) == (advert, record.host):
+            return None  # only the address: the browser switched to the preferred protocol
         return Change("added" if previous is None else "updated", record.name, peer)
 
     def gone(self, record: ServiceRecord) -> Change | None:

@@ -1,0 +1,1 @@
+"""`make bench`: figures measured on the lab of real avahi-daemon/dbus-daemon nodes."""

@@ -1,0 +1,55 @@
+"""The agent as a process: start to first advert, withdraw to removal seen, steady RSS."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from bench.stats import Figure
+from tests.integration.helpers import Agent, Probe
+from tests.lab import Lab
+
+K3S = "_k3s-sugar-dev._tcp"
+TARGET = "k3s-sugar-dev@node1.local (candidate)"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def measure(lab: Lab, runs: int, logs: Path) -> list[Figure]:
+    """Per run: start node1's agent, time its advert on node2, read RSS, SIGTERM, time removal."""
+    start_established: list[float] = []
+    start_seen: list[float] = []
+    withdraw_seen: list[float] = []
+    rss: list[float] = []
+    probe = Probe(lab.node(2), "browse_probe", K3S, str(runs * 30))
+    try:
+        for i in range(runs):
+            started = time.monotonic()
+            agent = Agent(lab.node(1), logs / f"bench-agent{i}.log")
+            agent.wait_event("advert_published", 20)  # polled every 50 ms
+            start_established.append((time.monotonic() - started) * 1000)
+            line = probe.expect(lambda ln: ln.get("kind") == "added" and ln["name"] == TARGET, 20)
+            start_seen.append((line["t"] - started) * 1000)
+            time.sleep(5)  # settle, then read the steady resident size
+            rss.append(_rss_kib(agent.proc.pid) / 1024)
+            sent = time.monotonic()
+            agent.proc.send_signal(signal.SIGTERM)
+            line = probe.expect(lambda ln: ln.get("kind") == "removed" and ln["name"] == TARGET, 10)
+            withdraw_seen.append((line["t"] - sent) * 1000)
+            agent.proc.wait(10)
+    finally:
+        probe.close()
+    return [
+        Figure("agent start (process) -> advert seen by a peer", "ms", tuple(start_seen)),
+        Figure("agent start (process) -> advert established (Avahi probing included)", "ms",
+               tuple(start_established)),
+        Figure("SIGTERM -> removal seen by a peer (floor: 1 s goodbye TTL)", "ms",
+               tuple(withdraw_seen)),
+        Figure("agent steady RSS (no scapy)", "MiB", tuple(rss)),
+    ]

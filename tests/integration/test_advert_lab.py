@@ -1,0 +1,236 @@
+"""The advert and the peer table against real avahi-daemon and dbus-daemon in lab nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.mdns.records import Advert, Role, encode_txt
+from tests.integration.helpers import (
+    Agent,
+    Probe,
+    avahi_browse,
+    node_ip6,
+    txt_of_browse_line,
+    unescape_browse,
+    wait_for,
+)
+
+pytestmark = pytest.mark.lab
+
+K3S = "_k3s-sugar-dev._tcp"
+HTTPS = "_https._tcp"
+NODE1_NAME = "k3s-sugar-dev@node1.local (candidate)"
+
+
+def _added(name: str):  # type: ignore[no-untyped-def]
+    return lambda line: line.get("kind") in {"added", "updated"} and line.get("name") == name
+
+
+def test_advert_seen_under_both_types_with_exact_txt(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    node1, node2 = lab.node(1), lab.node(2)
+    expected = [
+        t.decode()
+        for t in encode_txt(
+            Advert(
+                cluster="sugar", env="dev", role=Role.CANDIDATE, phase="discover",
+                host="node1.local", ip4=node1.addr, ip6=node_ip6(node1),
+            )
+        )
+    ]
+    agent = Agent(node1, tmp_path / "agent1.log")
+    agent.wait_event("advert_published", 15)
+    for stype in (K3S, HTTPS):
+        probe = Probe(node2, "browse_probe", stype, "6")
+        line = probe.expect(
+            lambda ln: ln.get("kind") == "added" and ln.get("name") == NODE1_NAME, 6
+        )
+        assert [bytes.fromhex(t).decode() for t in line["txt"]] == expected
+        assert line["port"] == 6443
+        assert line["host"] == "node1.local"
+        probe.close()
+        # The stock client, which we did not write, sees the same record.
+        rows = [r for r in avahi_browse(node2, stype) if r[2] == "IPv4"]
+        assert [unescape_browse(r[3]) for r in rows] == [NODE1_NAME]
+        assert rows[0][7] == node1.addr
+        assert rows[0][8] == "6443"
+        assert txt_of_browse_line(rows[0]) == expected
+    assert agent.proc.poll() is None
+
+
+def test_sigterm_withdraws_and_peer_sees_removal_within_2s(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    agent = Agent(lab.node(1), tmp_path / "agent1.log")
+    probe = Probe(lab.node(2), "browse_probe", K3S, "30")
+    probe.expect(_added(NODE1_NAME), 15)
+    sent = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    probe.expect(lambda ln: ln.get("kind") == "removed" and ln.get("name") == NODE1_NAME, 2.0)
+    assert time.monotonic() - sent < 2.0
+    assert agent.proc.wait(5) == 0
+    assert agent.events("advert_withdrawn")
+    assert "Traceback" not in agent.text()
+
+
+def test_kill_9_frees_the_group_and_peer_sees_removal(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    node1 = lab.node(1)
+    agent = Agent(node1, tmp_path / "agent1.log")
+    probe = Probe(lab.node(2), "browse_probe", K3S, "30")
+    probe.expect(_added(NODE1_NAME), 15)
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait(5)
+    # avahi-daemon frees a client's groups when its bus connection drops, with goodbyes.
+    probe.expect(lambda ln: ln.get("kind") == "removed" and ln.get("name") == NODE1_NAME, 3.0)
+    assert not [r for r in avahi_browse(node1, K3S) if unescape_browse(r[3]) == NODE1_NAME]
+
+
+def test_avahi_restarts_five_times_advert_returns_each_time(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    node1, node2 = lab.node(1), lab.node(2)
+    agent = Agent(node1, tmp_path / "agent1.log")
+    agent.wait_event("advert_published", 15)
+    probe = Probe(node2, "browse_probe", K3S, "120")
+    probe.expect(_added(NODE1_NAME), 10)
+    for attempt in range(5):
+        published = len(agent.events("advert_published"))
+        node1.restart_avahi()
+        wait_for(
+            f"advert re-published after restart {attempt + 1}",
+            lambda n=published: len(agent.events("advert_published")) > n,  # type: ignore[misc]
+            15,
+        )
+        assert agent.proc.poll() is None, agent.tail()
+    # Exactly one entry group's worth: one instance per type, no "#2" left behind.
+    for stype in (K3S, HTTPS):
+        names = wait_for(
+            f"{stype} on node2",
+            lambda s=stype: {unescape_browse(r[3]) for r in avahi_browse(node2, s)},  # type: ignore[misc]
+            10,
+        )
+        assert names == {NODE1_NAME}
+    assert "Traceback" not in agent.text()
+
+
+def test_same_hostname_both_adverts_visible_under_distinct_names(
+    lab_factory, tmp_path: Path
+) -> None:
+    lab = lab_factory(3, hostnames=["twin", "twin", "observer"])
+    agents = [Agent(lab.node(i), tmp_path / f"agent{i}.log") for i in (1, 2)]
+    for agent in agents:
+        agent.wait_event("advert_published", 20)
+
+    def names() -> set[str] | None:
+        seen = {unescape_browse(r[3]) for r in avahi_browse(lab.node(3), K3S)}
+        return seen if len(seen) == 2 else None
+
+    seen = wait_for("two distinct adverts on the observer", names, 20)
+    assert "k3s-sugar-dev@twin.local (candidate)" in seen
+    assert any(agent.events("advert_renamed") for agent in agents)
+
+
+def test_local_name_collision_takes_avahis_alternative_name(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    node1 = lab.node(1)
+    squatter = node1.spawn("avahi-publish", "-s", NODE1_NAME, K3S, "6443", "k3s=0")
+    wait_for(
+        "the squatter's advert", lambda: avahi_browse(lab.node(2), K3S), 10
+    )
+    agent = Agent(node1, tmp_path / "agent1.log")
+    renamed = agent.wait_event("advert_renamed", 15)
+    assert renamed["alternative"] == f"{NODE1_NAME} #2"
+    agent.wait_event("advert_published", 15, name=f"{NODE1_NAME} #2")
+    squatter.terminate()
+
+
+def test_hostile_publisher_is_ignored_or_parsed_and_logged_once(
+    lab_factory, tmp_path: Path
+) -> None:
+    lab = lab_factory(2)
+    node1, node2 = lab.node(1), lab.node(2)
+    agent = Agent(node2, tmp_path / "agent2.log")
+    agent.wait_event("advert_published", 15)
+    junk = {
+        # binary TXT and no required keys: ignored
+        "k3s-sugar-dev@junk.local (candidate)": [b"\xff\xfe\x01\x7f", b"=novalue", b"k3s"],
+        # usable despite noise: duplicate keys (first wins), a 255-byte string, an item without =
+        "k3s-sugar-dev@noisy.local (candidate)": [
+            b"k3s=1", b"cluster=sugar", b"env=dev", b"role=candidate", b"role=server",
+            b"phase=discover", b"host=Noisy.local.local.", b"x=" + b"a" * 253, b"flag",
+        ],
+        # another cluster's advert: ignored
+        "k3s-sugar-dev@other.local (candidate)": [b"k3s=1", b"cluster=other", b"env=dev",
+                                                   b"role=candidate"],
+    }
+    for name, txt in junk.items():
+        node1.spawn("avahi-publish", "-s", name, K3S, "6443", *[os.fsdecode(t) for t in txt])
+    noisy = agent.wait_event("peer_added", 15, name="k3s-sugar-dev@noisy.local (candidate)")
+    assert noisy["role"] == "candidate"
+    assert noisy["host"] == "noisy.local"  # the TXT host=, normalized
+    assert noisy["target"] == "node1.local"  # the SRV target Avahi resolved
+    agent.wait_event("record_ignored", 15, name="k3s-sugar-dev@junk.local (candidate)")
+    agent.wait_event("record_ignored", 15, name="k3s-sugar-dev@other.local (candidate)")
+    time.sleep(2)  # Avahi re-announces; each record is still reported only once
+    for name in ("junk", "other"):
+        full = f"k3s-sugar-dev@{name}.local (candidate)"
+        assert len([e for e in agent.events("record_ignored") if e["name"] == full]) == 1
+    assert agent.proc.poll() is None
+    assert "Traceback" not in agent.text()
+
+
+def test_peer_table_converges_and_discover_finds_nodes(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(3)
+    agents = [Agent(lab.node(i), tmp_path / f"agent{i}.log") for i in (1, 2, 3)]
+    for agent in agents:
+        for i in (1, 2, 3):
+            agent.wait_event("peer_added", 20, name=f"k3s-sugar-dev@node{i}.local (candidate)")
+    done = lab.node(2).run(
+        "/usr/bin/python3", "-m", "agent", "discover", "--json", "--timeout", "5",
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert {s["host"] for s in found["servers"]} == {"node1.local", "node2.local", "node3.local"}
+    assert all(s["ms_elapsed"] >= 0 for s in found["servers"])
+    for agent in agents:
+        assert agent.stop() == 0
+
+
+def test_discover_finds_none_exits_1(lab_factory) -> None:
+    lab = lab_factory(1)
+    done = lab.node(1).run(
+        "/usr/bin/python3", "-m", "agent", "discover", "--timeout", "2",
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "no _k3s-sugar-dev._tcp adverts found" in done.stdout
+
+
+def test_txt_update_in_place_and_rename_on_role_change(lab_factory) -> None:
+    lab = lab_factory(2)
+    publisher = Probe(lab.node(1), "publish_probe", K3S, HTTPS, stdin=True)
+    browser = Probe(lab.node(2), "browse_probe", K3S, "60")
+    base = ["k3s=1", "cluster=sugar", "env=dev"]
+    first = "k3s-sugar-dev@node1.local (candidate)"
+    publisher.send(name=first, txt=[*base, "role=candidate", "phase=discover"])
+    browser.expect(_added(first), 10)
+    publisher.send(name=first, txt=[*base, "role=candidate", "phase=elect"])
+    line = browser.expect(lambda ln: ln.get("kind") == "updated" and ln["name"] == first, 5)
+    assert bytes.fromhex(line["txt"][-1]) == b"phase=elect"
+    second = "k3s-sugar-dev@node1.local (server)"
+    publisher.send(name=second, txt=[*base, "role=server", "phase=server"])
+    browser.expect(lambda ln: ln.get("kind") == "added" and ln["name"] == second, 5)
+    browser.expect(lambda ln: ln.get("kind") == "removed" and ln["name"] == first, 5)
+
+
+def test_legacy_browser_path_sees_the_advert(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    Agent(lab.node(1), tmp_path / "agent1.log").wait_event("advert_published", 15)
+    probe = Probe(lab.node(2), "browse_probe", K3S, "8", "--legacy")
+    probe.expect(_added(NODE1_NAME), 8)
