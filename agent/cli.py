@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,6 +62,44 @@ def _discover(args: argparse.Namespace, settings: Settings) -> int:
     return const.EXIT_OK if found else const.EXIT_FAIL
 
 
+def _gate(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.client import gate
+
+    code, reason = asyncio.run(gate(args.timeout, sys.stdout))
+    print(f"{PROG} gate: {reason}", file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.client import Unreachable, render_status, status
+
+    try:
+        snapshot = asyncio.run(status())
+    except Unreachable as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return const.EXIT_UNAVAILABLE
+    print(json.dumps(snapshot, indent=2) if args.json else render_status(snapshot))
+    return const.EXIT_OK
+
+
+def _wipe(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.wipe import wipe
+
+    if not args.yes:
+        print(
+            f"{PROG} wipe: this stops k3s and deletes its state and this node's tokens; "
+            "run again with --yes to do it",
+            file=sys.stderr,
+        )
+        return const.EXIT_USAGE
+    lines: list[str] = []
+    code, reason = asyncio.run(wipe(settings, lines))
+    for line in lines:
+        print(line)
+    print(f"{PROG} wipe: {reason}", file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from agent.verify import command
 
@@ -107,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"give up after S seconds (default {const.DISCOVER_TIMEOUT:g})",
     )
     disc.set_defaults(handler=_discover)
+
+    gate = commands.add_parser(
+        "gate", help="block until the daemon releases the k3s gate (k3s ExecStartPre)",
+        **commands_kw,
+    )
+    gate.add_argument(
+        "--timeout", type=_seconds, default=const.GATE_TIMEOUT, metavar="S",
+        help=f"give up after S seconds (default {const.GATE_TIMEOUT:g})",
+    )
+    gate.set_defaults(handler=_gate)
+
+    stat = commands.add_parser("status", help="the daemon's state", **commands_kw)
+    stat.add_argument("--json", action="store_true", help="print JSON")
+    stat.set_defaults(handler=_status)
+
+    wipe = commands.add_parser(
+        "wipe", help="stop k3s, remove its state, withdraw the adverts, confirm", **commands_kw
+    )
+    wipe.add_argument("--yes", action="store_true", help="really do it")
+    wipe.set_defaults(handler=_wipe)
 
     verify = commands.add_parser(
         "verify", help="the node verifier (replaces pi_node_verifier.sh)", **commands_kw

@@ -72,3 +72,62 @@ IFNAME_MAX = 15  # bytes; IFNAMSIZ (16, include/uapi/linux/if.h) less the NUL
 # most 63 bytes (RFC 1034 §3.1, RFC 6763 §7.2); with env=staging and role=bootstrap the fixed
 # part is 31, leaving 32 for cluster and hostname: 16 each.
 CLUSTER_NAME_MAX = 16
+
+# Cluster formation (agent/cluster/election.py, gate.py)
+SETTLE_WINDOW = 2.0  # s after our advert is established before an election may be won; Avahi's
+#   probe-and-announce takes ~0.9 s (3 probes 250 ms apart, RFC 6762 §8.1) plus 0-250 ms delay
+CANDIDATE_HOLD = 3.0  # s a vanished candidate still counts: renaming to "(bootstrap)" re-probes
+BOOTSTRAP_CONFIRM = 1.0  # s after our bootstrap advert is established before the confirm round
+DEAD_SERVER_HOLD = 10.0  # s an unreachable server is not retried nor counted
+FORMATION_TICK = 0.25  # s: the longest the formation loop waits without an observation
+ABSENCE_ROUNDS = 2  # consecutive absent live rounds (DESIGN.md §A "Double-absence gate")
+ABSENCE_ROUND_GAP = 1.0  # s at least between the starts of counted rounds (DESIGN.md §A)
+
+# --- k3s files (agent/cluster/k3s.py; k3s pkg/clientaccess/token.go, pkg/configfilearg) ---
+K3S_K10_PREFIX = "K10"  # token.go tokenPrefix: starts `K10<ca hash>::<credentials>` tokens
+K3S_CA_HASH_HEX = 64  # chars; token.go caHashLength = sha256.Size * 2
+K3S_CONFIG_FILE_MAX = 1 << 20  # bytes; a k3s config file is a few KiB, the cap stops a runaway one
+K3S_DROPIN_MODE = 0o600  # our drop-in holds the join token (DESIGN.md §A "Gates")
+K3S_DIR_MODE = 0o755  # /etc/rancher/k3s and config.yaml.d, as the k3s installer leaves them
+
+# --- Port 6443 wire proof (agent/cluster/probe.py; DESIGN.md §A "Gates") ---
+WIRE_PROOF_TIMEOUT = 10.0  # s; the whole proof, as k3s's client (token.go defaultClientTimeout)
+PROBE_BODY_MAX = 64 * 1024  # bytes; /cacerts is one PEM CA (~0.6 KiB) or a short custom chain
+PROBE_HEADER_MAX = 16 * 1024  # bytes; status line and headers (Go's net/http: 3 short headers)
+PROBE_READ_CHUNK = 16 * 1024  # bytes per read: one TLS record's plaintext at most (RFC 8446 §5.1)
+PROBE_DETAIL_MAX = 200  # characters in a ProofResult's one-line detail
+CAPTURE_OPEN_TIMEOUT = 3.0  # s; first scapy import (0.2 s measured on x86; a Pi is slower) + socket
+CAPTURE_SETTLE = 0.2  # s; after the connect, for the sniffer thread to dissect the SYN-ACK
+CAPTURE_STOP_TIMEOUT = 1.0  # s; stop and join the sniffer thread (it wakes on a pipe at once)
+LIVE_SEEN_TTL = 5.0  # s an advert seen only by a live round (not the browser) still counts
+
+# Control socket and the k3s gate (agent/daemon/control.py, agent/client.py)
+CONTROL_SOCKET = Path("/run/sugarkube/agent.sock")
+GATE_RELEASED_MARKER = Path("/run/sugarkube/gate-released")  # tmpfs: once per boot
+GATE_REPORT_INTERVAL = 5.0  # s between "why the gate waits" lines
+GATE_UNREACHABLE_GRACE = 10.0  # s `gate` keeps trying to reach a daemon that is starting
+LOCAL_API_POLL = 0.25  # s between checks that the local k3s API answers, after the release
+WIPE_CONFIRM_TIMEOUT = 15.0  # s `wipe` waits for the double-absence of our own adverts
+
+# --- Live rounds on the wire (agent/mdns/wire.py; DESIGN.md §A "Double-absence gate") ---
+# Avahi 0.8 (avahi-core/response-sched.c) multicasts a shared record such as the PTR 20 ms plus
+# up to 100 ms of jitter after the question (RFC 6762 §6), never re-sends a record it multicast
+# in the last 500 ms (AVAHI_RESPONSE_HISTORY_MSEC), and does not multicast to a querier *address*
+# that listed the record as a known answer in the last 700 ms (AVAHI_RESPONSE_SUPPRESS_MSEC); for
+# a QU question it then answers by unicast at once. Schedule and measurements: wire.py docstring.
+LIVE_ROUND_WINDOW = 1.0  # s a round listens; the resend's answers are in by 0.5 + 0.12 s (+ DTIM)
+LIVE_ROUND_RESEND = 0.5  # s: the PTR question again, with SRV/TXT of instances heard without them
+LIVE_ROUND_FOLLOWUP = 0.75  # s: SRV/TXT/A of instances still without them, if any
+LIVE_ROUND_QU = True  # unicast-response bit set (RFC 6762 §5.4): see agent/mdns/wire.py
+LIVE_ROUND_START_TIMEOUT = 2.0  # s for the fresh instance's sockets to be on the loop (~1 ms here)
+LIVE_ROUND_CLOSE_TIMEOUT = 2.0  # s to wait for it to close; zeroconf's own close waits <= 1 s
+LIVE_ROUND_MAX_NAMES = 1024  # instances, and hosts with addresses, kept per round: flood bound
+LIVE_ROUND_MAX_FOLLOWUP = 64  # instances asked about again per query; a cluster has a handful
+DNS_TYPE_A = 1  # RFC 1035 §3.2.2
+DNS_TYPE_PTR = 12  # RFC 1035 §3.2.2
+DNS_TYPE_TXT = 16  # RFC 1035 §3.2.2
+DNS_TYPE_SRV = 33  # RFC 2782
+DNS_CLASS_IN = 1  # RFC 1035 §3.2.4; the top bit clear makes a question QM (RFC 6762 §5.4)
+DNS_FLAGS_QUERY = 0x0000  # QR=0, opcode 0: a standard query (RFC 6762 §18.2-18.3)
+IP_MULTICAST_ALL = 49  # linux/in.h; 0 = a socket gets only the groups it joined, where it joined
+GATE_TIMEOUT = 900.0  # s: `gate --timeout` default (systemd/k3s.service.d/10-sugarkube-gate.conf)

@@ -8,11 +8,13 @@ restarted, so its cache is empty; warm is a second browse right after.
 
 from __future__ import annotations
 
+import queue
 import subprocess
+import threading
 import time
 
 from bench.stats import Figure
-from tests.integration.helpers import Probe
+from tests.integration.helpers import Probe, unescape_browse
 from tests.lab import Lab, Node
 
 K3S = "_k3s-sugar-dev._tcp"
@@ -35,18 +37,26 @@ def stock(node: Node) -> float:
     proc = subprocess.Popen(
         node.enter_argv("avahi-browse", "-rp", K3S), stdout=subprocess.PIPE, text=True
     )
+    lines: queue.Queue[tuple[float, str]] = queue.Queue()
+    assert proc.stdout is not None
+    out = proc.stdout
+    threading.Thread(
+        target=lambda: [lines.put((time.monotonic(), ln)) for ln in out], daemon=True
+    ).start()
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            fields = line.split(";")
-            if fields[0] == "=" and fields[3].replace("\\032", " ") == TARGET:
-                return (time.monotonic() - started) * 1000
-            if time.monotonic() - started > 6:
+        while (remaining := started + 6 - time.monotonic()) > 0:
+            try:
+                at, line = lines.get(timeout=remaining)
+            except queue.Empty:
                 break
+            fields = line.split(";")
+            if fields[0] == "=" and len(fields) > 3 and unescape_browse(fields[3]) == TARGET:
+                return (at - started) * 1000
         raise RuntimeError("avahi-browse did not resolve the target within 6 s")
     finally:
         proc.terminate()
         proc.wait(5)
+        out.close()
 
 
 def measure(lab: Lab, runs: int) -> list[Figure]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +50,7 @@ class Publisher:
         self._kick = asyncio.Event()
         self._synced = asyncio.Event()
         self.established = asyncio.Event()  # set while Avahi reports the group ESTABLISHED
+        self.on_established: Callable[[str], None] | None = None  # called with the name
 
     @property
     def name(self) -> str:
@@ -112,6 +114,8 @@ class Publisher:
             self.established.set()
             elapsed = (time.monotonic() - self._committed_at) * 1000
             self._log.event("advert_published", name=self._name, ms_elapsed=round(elapsed))
+            if self.on_established is not None:
+                self.on_established(self._name)
             return
         self.established.clear()
         if state == defs.EntryGroupState.COLLISION:

@@ -1,9 +1,10 @@
 """`sugarkube-agent run`: capture signals, start up, run under one TaskGroup, shut down.
 
-Read top to bottom: serve() owns the bus, the publisher and the browser; the components run as
-tasks of one TaskGroup; SIGTERM (or SIGINT) ends the wait, the advert is withdrawn within the
-grace period (goodbye packets), the tasks are cancelled and the bus is closed. A component that
-fails takes the daemon down with a non-zero exit, never leaving it half alive.
+Read top to bottom: serve() owns the bus, the publisher, the formation runner and the control
+socket; the components run as tasks of one TaskGroup; SIGTERM (or SIGINT) ends the wait, the
+advert is withdrawn within the grace period (goodbye packets), the tasks are cancelled and the
+bus is closed. A component that fails takes the daemon down with a non-zero exit, never leaving
+it half alive.
 """
 
 from __future__ import annotations
@@ -15,34 +16,17 @@ import socket
 import time
 
 from agent import const
-from agent.avahi.browser import Browser
 from agent.avahi.bus import AvahiBus, AvahiError
-from agent.avahi.publisher import Advertisement, Publisher
-from agent.cluster.peers import Change, PeerTable
+from agent.avahi.publisher import Publisher
 from agent.config import Settings
-from agent.daemon.netlink import Interface, InterfaceError, choose_interface
+from agent.daemon.control import ControlServer, DaemonState
+from agent.daemon.formation import FormationRunner
+from agent.daemon.netlink import InterfaceError, choose_interface
 from agent.log import EventLog
-from agent.mdns.records import Advert, Role, encode_txt, instance_name, service_type
 
 
 class Fatal(Exception):
     """A component cannot go on; the daemon exits non-zero so that systemd restarts it."""
-
-
-def advertisement(settings: Settings, hostname: str, iface: Interface, role: Role) -> Advertisement:
-    """This node's advert for the given role, under both service types."""
-    host = f"{hostname}.local"
-    advert = Advert(
-        cluster=settings.cluster, env=settings.env, role=role, phase="discover", host=host,
-        ip4=iface.ip4, ip6=iface.ip6,
-    )
-    return Advertisement(
-        name=instance_name(settings.cluster, settings.env, hostname, role),
-        stypes=(service_type(settings.cluster, settings.env), const.HTTPS_SERVICE_TYPE),
-        port=const.K3S_API_PORT,
-        txt=tuple(encode_txt(advert)),
-        interface=iface.index,
-    )
 
 
 async def serve(settings: Settings, log: EventLog) -> int:
@@ -65,6 +49,14 @@ async def serve(settings: Settings, log: EventLog) -> int:
         log.event("dbus_unavailable", "error", error=str(err))
         return const.EXIT_UNAVAILABLE
     publisher = Publisher(bus, log)
+    state = DaemonState()
+    runner = FormationRunner(
+        settings=settings, log=log, bus=bus, publisher=publisher, iface=iface,
+        hostname=hostname, state=state,
+    )
+    control = ControlServer(state, wipe=runner.wipe)
+    await control.start()
+    undo = bus.on_presence(runner.avahi_changed)
     log.event(
         "started", cluster=settings.cluster, env=settings.env, host=hostname,
         interface=iface.name, avahi=bus.state.name.lower() if bus.state else "absent",
@@ -74,10 +66,9 @@ async def serve(settings: Settings, log: EventLog) -> int:
         async with asyncio.TaskGroup() as tasks:
             components = [
                 tasks.create_task(publisher.run(), name="publisher"),
-                tasks.create_task(_watch_peers(bus, settings, log), name="browser"),
+                tasks.create_task(runner.run(), name="formation"),
                 tasks.create_task(_watch_bus(bus), name="bus"),
             ]
-            publisher.set(advertisement(settings, hostname, iface, Role.CANDIDATE))
             await stop.wait()
             log.event("stopping")
             withdrawn = await publisher.withdraw(const.SHUTDOWN_GRACE)
@@ -92,6 +83,9 @@ async def serve(settings: Settings, log: EventLog) -> int:
     else:
         crashed = False
     finally:
+        undo()
+        await runner.close()
+        await control.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(bus.close(), const.SHUTDOWN_GRACE)
     if crashed:
@@ -103,34 +97,3 @@ async def serve(settings: Settings, log: EventLog) -> int:
 async def _watch_bus(bus: AvahiBus) -> None:
     await bus.closed.wait()
     raise Fatal("the system bus connection closed (dbus-daemon stopped?)")
-
-
-async def _watch_peers(bus: AvahiBus, settings: Settings, log: EventLog) -> None:
-    table = PeerTable(settings.cluster, settings.env)
-    async with Browser(bus, service_type(settings.cluster, settings.env), log) as browser:
-        async for event in browser:
-            if event.record is None:
-                continue
-            change = table.seen(event.record) if event.kind != "removed" else table.gone(
-                event.record
-            )
-            if change is not None:
-                _log_change(log, change, event.ms_elapsed)
-
-
-def _log_change(log: EventLog, change: Change, ms_elapsed: float) -> None:
-    if change.kind == "ignored":
-        log.event("record_ignored", "notice", name=change.name, reason=change.reason)
-        return
-    peer = change.peer
-    log.event(
-        f"peer_{change.kind}",
-        name=change.name,
-        host=peer.advert.host if peer else None,
-        target=peer.host if peer else None,
-        role=peer.advert.role.value if peer else None,
-        phase=peer.advert.phase if peer else None,
-        local=peer.local if peer else None,
-        reason=change.reason or None,
-        ms_elapsed=round(ms_elapsed),
-    )

@@ -1,0 +1,352 @@
+"""The I/O around the formation machine: observations in, its actions carried out.
+
+Data flows one way: browse events, publisher states, live rounds and wire proofs become calls on
+the pure `Formation`; its actions become a published advert, a round, a proof, the k3s drop-in
+and the gate's release; every change becomes a log event and the daemon's snapshot (status,
+STATUS=). The loop waits on observations with the machine's own deadline, never polls blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from agent import const
+from agent.avahi import defs
+from agent.avahi.browser import Browser
+from agent.avahi.bus import AvahiBus
+from agent.avahi.publisher import Advertisement, Publisher
+from agent.cluster import k3s
+from agent.cluster.election import (
+    Advertise,
+    Event,
+    Formation,
+    NodeAdvert,
+    Prove,
+    Release,
+    RunRound,
+)
+from agent.cluster.peers import Change, PeerTable
+from agent.cluster.probe import RefusalReason, choose_address, wire_proof
+from agent.config import Settings
+from agent.daemon.control import DaemonState, PeerInfo
+from agent.daemon.netlink import Interface
+from agent.log import EventLog
+from agent.mdns import wire
+from agent.mdns.records import Advert, Role, encode_txt, instance_name, service_type
+
+
+class FormationRunner:
+    """Runs the node's formation from start to serving; `wipe()` withdraws and stops it."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        log: EventLog,
+        bus: AvahiBus,
+        publisher: Publisher,
+        iface: Interface,
+        hostname: str,
+        state: DaemonState,
+        root: Path = Path("/"),
+    ) -> None:
+        self._settings = settings
+        self._log = log
+        self._bus = bus
+        self._publisher = publisher
+        self._iface = iface
+        self._hostname = hostname
+        self._host = f"{hostname}.local"
+        self._state = state
+        self._root = root
+        self._stype = service_type(settings.cluster, settings.env)
+        self._token = k3s.parse_token(settings.token.reveal()) if settings.token else None
+        self._started = time.monotonic()
+        self._wake = asyncio.Event()
+        self._names: dict[str, Role] = {}  # instance names we published -> their role
+        self._proven: dict[str, str] = {}  # server instance name -> the address that passed
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wiped = False
+        self._failure: BaseException | None = None
+        self._avahi: defs.ServerState | None = bus.state
+        self._table = PeerTable(settings.cluster, settings.env)
+        self.machine = Formation(
+            host=self._host,
+            key=f"{secrets.randbits(64):016x}",
+            servers=settings.servers,
+            member=self._membership(),
+            stype=self._stype,
+            can_join=self._token is not None,
+        )
+
+    def _membership(self) -> Role | None:
+        marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+        with contextlib.suppress(OSError):
+            mode = marker.read_text().strip()
+            return Role.AGENT if mode == "join-agent" else Role.SERVER
+        held = k3s.membership(self._root)
+        if held == k3s.Membership.SERVER:
+            return Role.SERVER
+        if held == k3s.Membership.AGENT:
+            return Role.AGENT
+        return None
+
+    async def run(self) -> None:
+        """Form or join the cluster, then keep the advert and the peer table current."""
+        self._publisher.on_established = self._established
+        self._spawn(self._browse())
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            now = time.monotonic()
+            if not self._wiped:
+                for action in self.machine.step(now):
+                    await self._act(action)
+            await self._publish_state()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(), max(0.0, self.machine.wake_at(now) - time.monotonic())
+                )
+            self._wake.clear()
+
+    def avahi_changed(self, state: defs.ServerState | None) -> None:
+        """avahi-daemon came, went or changed state: say so in the status."""
+        self._avahi = state
+        self._wake.set()
+
+    async def wipe(self) -> bool:
+        """Withdraw every advert and stop forming (the `wipe` command then checks the wire)."""
+        self._wiped = True
+        withdrawn = await self._publisher.withdraw()
+        await self._state.update(
+            phase="wiped", status="wiped: restart sugarkube-agent to form again"
+        )
+        return withdrawn
+
+    # -- actions ------------------------------------------------------------------------------
+
+    async def _act(self, action: Advertise | RunRound | Prove | Release | Event) -> None:
+        if isinstance(action, Advertise):
+            self._advertise(action)
+        elif isinstance(action, RunRound):
+            self._spawn(self._round())
+        elif isinstance(action, Prove):
+            self._spawn(self._prove(action.advert))
+        elif isinstance(action, Release):
+            await self._release(action)
+        else:
+            self._log.event(action.name, "notice", **dict(action.fields))
+
+    def _advertise(self, action: Advertise) -> None:
+        advert = Advert(
+            cluster=self._settings.cluster, env=self._settings.env, role=action.role,
+            phase=action.phase.value, host=self._host, leader=action.leader,
+            ip4=self._iface.ip4, ip6=self._iface.ip6, key=self.machine.key, ca=action.ca,
+        )
+        name = instance_name(
+            self._settings.cluster, self._settings.env, self._hostname, action.role
+        )
+        self._names[name] = action.role
+        self._publisher.set(
+            Advertisement(
+                name=name, stypes=(self._stype, const.HTTPS_SERVICE_TYPE),
+                port=const.K3S_API_PORT, txt=tuple(encode_txt(advert)),
+                interface=self._iface.index,
+            )
+        )
+
+    def _established(self, name: str) -> None:
+        role = self._names.get(name.partition(" #")[0])
+        if role is not None:
+            self.machine.published(time.monotonic(), role)
+            self._wake.set()
+
+    async def _round(self) -> None:
+        started = time.monotonic()
+        try:
+            records = await wire.live_round(self._stype, interface_addr=self._iface.ip4)
+        except Exception as err:  # a failed round is no evidence either way
+            self.machine.round_failed()
+            self._log.event("absence_round_failed", "warning", error=f"{type(err).__name__}: {err}")
+        else:
+            adverts = wire.to_node_adverts(records, self._host)
+            self.machine.round_done(started, adverts)
+            self._log.event(
+                "absence_round", "debug", seen=len(adverts),
+                ms_elapsed=round((time.monotonic() - started) * 1000),
+            )
+        self._wake.set()
+
+    async def _prove(self, advert: NodeAdvert) -> None:
+        expected = self._token.ca_hash if self._token is not None else None
+        result = None
+        for address in choose_address(advert.address, "", "", self._iface.name):
+            result = await wire_proof(
+                address, const.K3S_API_PORT, expected_ca_sha256=expected,
+                timeout=const.WIRE_PROOF_TIMEOUT, capture=self._settings.mdns.wire_proof == "on",
+                interface=self._iface.name,
+            )
+            if result.ok or result.reason == RefusalReason.CA_MISMATCH:
+                break
+        ok = result is not None and result.ok
+        reason = result.reason.value if result is not None and result.reason else "no_address"
+        if ok and result is not None:
+            self._proven[advert.name] = result.address
+        event = self.machine.proof_done(time.monotonic(), advert, ok, "" if ok else reason)
+        fields = dict(event.fields)
+        if result is not None:
+            fields |= {"ms_elapsed": round(result.ms_elapsed), "evidence": result.evidence}
+        self._log.event(event.name, "info" if ok else "warning", **fields)
+        self._wake.set()
+
+    async def _release(self, release: Release) -> None:
+        if release.mode != "member":
+            leader = release.leader
+            address = self._proven.get(leader.name, leader.address) if leader else None
+            k3s.write_dropin(
+                self._root,
+                k3s.Release(
+                    mode=release.mode,
+                    server_url=_url(address) if address else None,
+                    token=self._settings.token.reveal() if self._settings.token else None,
+                    node_labels=(f"sugarkube.io/cluster={self._settings.cluster}",),
+                ),
+            )
+        marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(release.mode + "\n")
+        elapsed = (time.monotonic() - self._started) * 1000
+        self._log.event(
+            "gate_released", mode=release.mode,
+            leader=release.leader.host if release.leader else None, ms_elapsed=round(elapsed),
+        )
+        self._state.snapshot.timings_ms["gate_released"] = elapsed
+        await self._state.update(
+            released=True, release_mode=release.mode,
+            leader=release.leader.host if release.leader else self._host,
+        )
+        if release.mode != "join-agent" and self.machine.member != Role.AGENT:
+            self._spawn(self._watch_local_api())
+
+    async def _watch_local_api(self) -> None:
+        while True:
+            result = await wire_proof(
+                "127.0.0.1", const.K3S_API_PORT, expected_ca_sha256=None, timeout=1.0
+            )
+            if result.ok and result.ca_sha256:
+                self.machine.local_api(result.ca_sha256)
+                elapsed = (time.monotonic() - self._started) * 1000
+                self._log.event("k3s_serving", ms_elapsed=round(elapsed))
+                self._wake.set()
+                return
+            await asyncio.sleep(const.LOCAL_API_POLL)
+
+    # -- the browser --------------------------------------------------------------------------
+
+    async def _browse(self) -> None:
+        async with Browser(self._bus, self._stype, self._log) as browser:
+            async for event in browser:
+                record = event.record
+                if record is None:
+                    continue
+                change = self._table.gone(record) if event.kind == "removed" else (
+                    self._table.seen(record)
+                )
+                if change is None:
+                    continue
+                self._observe(change)
+                _log_change(self._log, change, event.ms_elapsed)
+                if change.kind == "added" and "discovery" not in self._state.snapshot.timings_ms:
+                    self._state.snapshot.timings_ms["discovery"] = event.ms_elapsed
+                self._wake.set()
+
+    def _observe(self, change: Change) -> None:
+        now = time.monotonic()
+        peer = change.peer
+        if change.kind == "removed" or peer is None:
+            self.machine.advert_gone(now, change.name)
+            return
+        if change.kind == "ignored":
+            return
+        a = peer.advert
+        self.machine.advert_seen(
+            NodeAdvert(change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase)
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _publish_state(self) -> None:
+        m = self.machine
+        if self._wiped:
+            return
+        peers = [
+            PeerInfo(p.name, p.advert.host, p.advert.role.value, p.advert.phase)
+            for p in self._table.peers if not p.local
+        ]
+        snap = self._state.snapshot
+        role = self._advertised_role()
+        avahi = self._avahi.name.lower() if self._avahi is not None else "absent"
+        status = m.status
+        if self._avahi != defs.ServerState.RUNNING and not m.released:
+            status = "avahi-daemon unavailable, retrying"
+        new = (m.phase.value, status, role, peers, avahi)
+        if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:
+            if snap.status != status:
+                self._log.event("phase", phase=m.phase.value, status=status)
+            await self._state.update(
+                phase=m.phase.value, status=status, role=role, peers=peers, avahi=avahi
+            )
+
+    def _advertised_role(self) -> str:
+        return self._names[self._publisher.name].value if self._publisher.name in self._names else (
+            "candidate"
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A component died: re-raise in run() so the TaskGroup takes the daemon down.
+            self._failure = task.exception()
+            self._wake.set()
+
+    async def close(self) -> None:
+        """Cancel the runner's own tasks."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _url(address: str) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"https://{host}:{const.K3S_API_PORT}"
+
+
+def _log_change(log: EventLog, change: Change, ms_elapsed: float) -> None:
+    if change.kind == "ignored":
+        log.event("record_ignored", "notice", name=change.name, reason=change.reason)
+        return
+    peer = change.peer
+    log.event(
+        f"peer_{change.kind}",
+        name=change.name,
+        host=peer.advert.host if peer else None,
+        target=peer.host if peer else None,
+        role=peer.advert.role.value if peer else None,
+        phase=peer.advert.phase if peer else None,
+        local=peer.local if peer else None,
+        reason=change.reason or None,
+        ms_elapsed=round(ms_elapsed),
+    )
+

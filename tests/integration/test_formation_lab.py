@@ -1,0 +1,180 @@
+"""Cluster formation on lab nodes: real avahi-daemon/dbus-daemon, the agent, and gated k3s."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.formation import TOKEN, PiNode, form, wait_formed
+from tests.integration.helpers import (
+    PYTHON,
+    Agent,
+    avahi_browse,
+    node_env,
+    unescape_browse,
+    wait_for,
+)
+
+pytestmark = pytest.mark.lab
+
+K3S = "_k3s-sugar-dev._tcp"
+
+
+def _assert_one_cluster(nodes: list[PiNode], released: list[dict[str, str]]) -> None:
+    modes = sorted(r["mode"] for r in released)
+    assert modes.count("cluster-init") == 1, modes
+    assert modes.count("join-server") == len(nodes) - 1, modes
+    cas = {pi.ca() for pi in nodes}
+    assert len(cas) == 1 and None not in cas, cas
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_three_fresh_nodes_form_exactly_one_cluster(lab_factory, tmp_path: Path, seed: int) -> None:
+    lab = lab_factory(3)
+    nodes = form(lab, tmp_path, jitter=1.0 if seed < 5 else 2.0, seed=seed)
+    _assert_one_cluster(nodes, wait_formed(nodes, 40))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_three_nodes_with_5_percent_mdns_loss_form_one_cluster(
+    lab_factory, tmp_path: Path, seed: int
+) -> None:
+    lab = lab_factory(3)
+    for node in lab.nodes:
+        node.mdns_loss(5)
+    nodes = form(lab, tmp_path, jitter=2.0, seed=100 + seed)
+    _assert_one_cluster(nodes, wait_formed(nodes, 60))
+
+
+def test_a_node_booting_into_a_formed_cluster_joins_as_agent(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(4)
+    first = [PiNode(n, tmp_path).start() for n in lab.nodes[:3]]
+    _assert_one_cluster(first, wait_formed(first, 40))
+    late = PiNode(lab.node(4), tmp_path).start()
+    (released,) = wait_formed([late], 20)
+    assert released["mode"] == "join-agent"
+    assert late.agent is not None
+    assert not late.agent.events("election_won")
+    assert int(released["ms_elapsed"]) < 3000, released
+
+
+def test_impostor_with_another_ca_is_refused_and_never_joined(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(3)
+    real = PiNode(lab.node(1), tmp_path, SUGARKUBE_SERVERS="1").start()
+    wait_formed([real], 30)
+    server_token = lab.node(1).path("/var/lib/rancher/k3s/server/token").read_text().strip()
+    assert server_token.startswith("K10")
+    # The impostor: its own cluster (its own CA), advertised as a server of ours, lower key.
+    evil = lab.node(2)
+    evil.spawn(PYTHON, "-m", "tests.lab.k3s_standin", log=tmp_path / "evil-k3s.log",
+               env=node_env())
+    evil.spawn(
+        "avahi-publish", "-s", "k3s-sugar-dev@evil.local (server)", K3S, "6443", "k3s=1",
+        "cluster=sugar", "env=dev", "role=server", "phase=serving", "host=evil.local",
+        f"ip4={evil.addr}", "key=0000000000000000",
+    )
+    wait_for("the impostor's advert", lambda: [
+        r for r in avahi_browse(lab.node(3), K3S) if "evil" in unescape_browse(r[3])], 10)
+    joiner = PiNode(lab.node(3), tmp_path, token=server_token, SUGARKUBE_SERVERS="1").start()
+    (released,) = wait_formed([joiner], 30)
+    assert joiner.agent is not None
+    refused = joiner.agent.wait_event("join_refused", 1)
+    assert refused["reason"] == "ca_mismatch" and refused["server"] == "evil.local"
+    assert released["leader"] == "node1.local"
+    assert joiner.ca() == real.ca()
+
+
+def test_dead_server_in_avahis_cache_is_not_present_for_the_gate(
+    lab_factory, tmp_path: Path
+) -> None:
+    lab = lab_factory(2)
+    node1, node2 = lab.node(1), lab.node(2)
+    server = PiNode(node1, tmp_path).start()
+    wait_formed([server], 30)
+    wait_for("the server advert in node2's cache", lambda: [
+        r for r in avahi_browse(node2, K3S) if "(server)" in unescape_browse(r[3])], 10)
+    # Dies without goodbye: the agent, k3s and avahi-daemon all SIGKILLed.
+    assert server.agent is not None
+    os.kill(server.agent.proc.pid, signal.SIGKILL)
+    os.kill(server.k3s.pid, signal.SIGKILL)  # `sh -c ... exec` : the stand-in has the same PID
+    node1.kill_avahi_hard()
+    assert [r for r in avahi_browse(node2, K3S) if "(server)" in unescape_browse(r[3])], (
+        "node2's Avahi cache should still list the dead server"
+    )
+    fresh = PiNode(node2, tmp_path).start()
+    (released,) = wait_formed([fresh], 30)
+    assert released["mode"] == "cluster-init"
+    assert fresh.ca() not in (None, server.ca())  # a cluster of its own
+
+
+def test_member_restart_releases_at_once_without_election(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(1)
+    pi = PiNode(lab.node(1), tmp_path).start()
+    wait_formed([pi], 30)
+    assert pi.agent is not None
+    assert pi.agent.stop() == 0
+    again = Agent(lab.node(1), tmp_path / "again.log", env={"SUGARKUBE_TOKEN": TOKEN})
+    released = again.wait_event("gate_released", 10)
+    assert released["mode"] == "member"
+    assert int(released["ms_elapsed"]) < 1000
+    assert not again.events("election_won")
+    done = lab.node(1).run(PYTHON, "-m", "agent", "gate", "--timeout", "5", env=node_env())
+    assert done.returncode == 0, done.stderr
+
+
+def test_gate_times_out_cleanly_when_avahi_is_down(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(1)
+    node = lab.node(1)
+    node.stop_avahi()
+    agent = Agent(node, tmp_path / "agent.log", env={"SUGARKUBE_TOKEN": TOKEN})
+    agent.wait_event("started", 10)
+    started = time.monotonic()
+    done = node.run(PYTHON, "-m", "agent", "gate", "--timeout", "3", env=node_env(), timeout=20)
+    assert done.returncode == 1
+    assert time.monotonic() - started < 6
+    assert "timed out after 3 s" in done.stderr
+    assert "avahi-daemon unavailable" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+    status = node.run(PYTHON, "-m", "agent", "status", env=node_env())
+    assert status.returncode == 0 and "avahi: absent" in status.stdout
+
+
+def test_gate_without_daemon_exits_69(lab_factory) -> None:
+    lab = lab_factory(1)
+    done = lab.node(1).run(PYTHON, "-m", "agent", "gate", "--timeout", "1", env=node_env())
+    assert done.returncode == 69, done.stderr
+    assert "not running" in done.stderr
+
+
+def test_wipe_confirms_the_advert_left_the_wire(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    node1 = lab.node(1)
+    pi = PiNode(node1, tmp_path, SUGARKUBE_SERVERS="1").start()
+    wait_formed([pi], 30)
+    refused = node1.run(PYTHON, "-m", "agent", "wipe", env=node_env())
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    done = node1.run(PYTHON, "-m", "agent", "wipe", "--yes", env=node_env(), timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "confirmed" in done.stdout
+    assert not node1.path("/var/lib/rancher/k3s").exists()
+    assert not node1.path("/etc/rancher/k3s/config.yaml.d/50-sugarkube.yaml").exists()
+    assert not [r for r in avahi_browse(lab.node(2), K3S) if "node1" in unescape_browse(r[3])]
+    again = node1.run(PYTHON, "-m", "agent", "wipe", "--yes", env=node_env(), timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr  # idempotent
+
+
+def test_wipe_fails_while_another_publisher_answers_for_us(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(2)
+    node1, node2 = lab.node(1), lab.node(2)
+    node2.spawn(
+        "avahi-publish", "-s", "k3s-sugar-dev@node1.local (server)", K3S, "6443", "k3s=1",
+        "cluster=sugar", "env=dev", "role=server", "host=node1.local",
+    )
+    wait_for("the second publisher", lambda: avahi_browse(node1, K3S), 10)
+    done = node1.run(PYTHON, "-m", "agent", "wipe", "--yes", env=node_env(), timeout=60)
+    assert done.returncode == 1
+    assert "still answered on the wire: k3s-sugar-dev@node1.local (server)" in done.stderr
