@@ -44,7 +44,7 @@ def _make_log(settings: Settings, *, persistent_salt: bool) -> EventLog:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from agent.daemon.service import serve
 
-    return asyncio.run(serve(settings, _make_log(settings, persistent_salt=True)))
+    return asyncio.run(serve(settings, _make_log(settings, persistent_salt=True), args.config))
 
 
 def _discover(args: argparse.Namespace, settings: Settings) -> int:

@@ -131,3 +131,11 @@ DNS_CLASS_IN = 1  # RFC 1035 §3.2.4; the top bit clear makes a question QM (RFC
 DNS_FLAGS_QUERY = 0x0000  # QR=0, opcode 0: a standard query (RFC 6762 §18.2-18.3)
 IP_MULTICAST_ALL = 49  # linux/in.h; 0 = a socket gets only the groups it joined, where it joined
 GATE_TIMEOUT = 900.0  # s: `gate --timeout` default (systemd/k3s.service.d/10-sugarkube-gate.conf)
+VERIFIED_MARKER = Path("/run/sugarkube/verified")  # tmpfs: the daemon's verifier ran this boot
+VERIFIER_WAIT_FOR_K3S = 120.0  # s after the release to wait for k3s before verifying anyway
+
+# --- systemd notify (agent/daemon/notify.py; sd_notify(3), systemd.service(5) WatchdogSec=) ---
+NOTIFY_STATUS_MAX = 1000  # characters of STATUS=; x 4 bytes of UTF-8 + "STATUS=" fit systemd's
+#   4096-byte notify datagram (NOTIFY_BUFFER_MAX = PIPE_BUF, src/basic/def.h); longer is dropped
+WATCHDOG_PROOF_SHARE = 0.5  # of the ping interval (WATCHDOG_USEC / 2) a proof of life may take:
+#   timely pings are then at most 0.75 x WATCHDOG_USEC apart, inside systemd's deadline

@@ -9,8 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import agent, discovery
+from bench import agent, discovery, formation
 from bench.stats import markdown
+from tests.integration.helpers import Probe
 from tests.lab import Lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -20,12 +21,17 @@ def main() -> int:
     runs = int(os.environ.get("BENCH_N", "20"))
     figures = []
     with tempfile.TemporaryDirectory() as tmp, Lab(2, prefix="skb", subnet="10.254.0") as lab:
-        # A publisher for the discovery figures: node1's agent itself.
-        publisher = agent.Agent(lab.node(1), Path(tmp) / "publisher.log")
-        publisher.wait_event("advert_published", 20)
+        # A stable advert for the discovery figures, published by our Publisher.
+        publisher = Probe(lab.node(1), "publish_probe", discovery.K3S, stdin=True)
+        publisher.send(name=discovery.TARGET, txt=["k3s=1", "cluster=sugar", "env=dev",
+                                                   "role=candidate", "phase=discover"])
         figures += discovery.measure(lab, runs)
-        publisher.stop()
+        publisher.close()
         figures += agent.measure(lab, max(3, runs // 4), Path(tmp))
+    formation_runs = max(3, runs // 2)
+    figures.append(formation.cold_formation(formation_runs))
+    figures += formation.join_next_to_server(formation_runs)
+    figures += formation.absence(formation_runs)
     today = datetime.date.today().isoformat()
     text = (
         f"# Benchmarks {today}\n\n"

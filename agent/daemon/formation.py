@@ -73,6 +73,8 @@ class FormationRunner:
         self._proven: dict[str, str] = {}  # server instance name -> the address that passed
         self._tasks: set[asyncio.Task[None]] = set()
         self._wiped = False
+        self.released = asyncio.Event()  # the gate opened
+        self.k3s_up = asyncio.Event()  # the local k3s API answers (servers only)
         self._failure: BaseException | None = None
         self._avahi: defs.ServerState | None = bus.state
         self._table = PeerTable(settings.cluster, settings.env)
@@ -228,6 +230,7 @@ class FormationRunner:
             leader=release.leader.host if release.leader else None, ms_elapsed=round(elapsed),
         )
         self._state.snapshot.timings_ms["gate_released"] = elapsed
+        self.released.set()
         await self._state.update(
             released=True, release_mode=release.mode,
             leader=release.leader.host if release.leader else self._host,
@@ -242,6 +245,7 @@ class FormationRunner:
             )
             if result.ok and result.ca_sha256:
                 self.machine.local_api(result.ca_sha256)
+                self.k3s_up.set()
                 elapsed = (time.monotonic() - self._started) * 1000
                 self._log.event("k3s_serving", ms_elapsed=round(elapsed))
                 self._wake.set()

@@ -14,14 +14,16 @@ import contextlib
 import signal
 import socket
 import time
+from pathlib import Path
 
 from agent import const
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.avahi.publisher import Publisher
-from agent.config import Settings
+from agent.config import ConfigError, Settings, load_settings
 from agent.daemon.control import ControlServer, DaemonState
 from agent.daemon.formation import FormationRunner
 from agent.daemon.netlink import InterfaceError, choose_interface
+from agent.daemon.verifier import due_this_boot, run_verifier
 from agent.log import EventLog
 
 
@@ -29,13 +31,15 @@ class Fatal(Exception):
     """A component cannot go on; the daemon exits non-zero so that systemd restarts it."""
 
 
-async def serve(settings: Settings, log: EventLog) -> int:
+async def serve(settings: Settings, log: EventLog, config_path: Path | None = None) -> int:
     """Run the daemon until SIGTERM; returns the process exit code."""
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    hup = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     try:
         iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
     except InterfaceError as err:
@@ -68,6 +72,13 @@ async def serve(settings: Settings, log: EventLog) -> int:
                 tasks.create_task(publisher.run(), name="publisher"),
                 tasks.create_task(runner.run(), name="formation"),
                 tasks.create_task(_watch_bus(bus), name="bus"),
+                tasks.create_task(
+                    _verify_and_reload(
+                        settings=settings, config_path=config_path, log=log, runner=runner,
+                        hostname=hostname, hup=hup,
+                    ),
+                    name="verifier",
+                ),
             ]
             await stop.wait()
             log.event("stopping")
@@ -92,6 +103,43 @@ async def serve(settings: Settings, log: EventLog) -> int:
         return const.EXIT_FAIL
     log.event("stopped")
     return const.EXIT_OK
+
+
+async def _verify_and_reload(
+    *,
+    settings: Settings,
+    config_path: Path | None,
+    log: EventLog,
+    runner: FormationRunner,
+    hostname: str,
+    hup: asyncio.Event,
+) -> None:
+    """Verify once per boot after the gate opened (k3s up, or a bounded wait); on SIGHUP
+    reload the configuration (a bad one is logged and the old one kept) and verify again."""
+    release = asyncio.ensure_future(runner.released.wait())
+    hangup = asyncio.ensure_future(hup.wait())
+    await asyncio.wait({release, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    if release.done() and due_this_boot():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runner.k3s_up.wait(), const.VERIFIER_WAIT_FOR_K3S)
+        await run_verifier(settings, log, hostname)
+    release.cancel()
+    while True:
+        await hup.wait()
+        hup.clear()
+        try:
+            fresh = load_settings(config_path)
+        except ConfigError as err:
+            log.event("config_reload_failed", "error", error=str(err), kept="the running config")
+        else:
+            changed = [f for f in ("cluster", "env", "servers", "mdns", "metrics")
+                       if getattr(fresh, f) != getattr(settings, f)]
+            log.debug_enabled = fresh.mdns.debug
+            log.event(
+                "config_reloaded", changed=",".join(changed) or None,
+                restart_needed=bool(set(changed) - {"mdns"}) or None,
+            )
+        await run_verifier(settings, log, hostname)
 
 
 async def _watch_bus(bus: AvahiBus) -> None:

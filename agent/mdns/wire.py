@@ -41,7 +41,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from zeroconf import NotRunningException, RecordUpdate, RecordUpdateListener, Zeroconf
 from zeroconf._dns import DNSAddress, DNSPointer, DNSQuestion, DNSRecord, DNSService, DNSText
@@ -279,6 +279,23 @@ def _receive_only_here(zc: Zeroconf) -> None:
                 sock.setsockopt(socket.IPPROTO_IP, const.IP_MULTICAST_ALL, 0)
 
 
+def _drop_unparsable(zc: Zeroconf) -> None:
+    """Drop a packet zeroconf fails to parse instead of logging a traceback on our loop.
+
+    zeroconf 0.47.3 decodes HINFO strings as strict UTF-8 and lets UnicodeDecodeError escape from
+    its datagram handler to the loop's exception handler: one traceback per junk packet, at a
+    rate anyone on the link chooses.
+    """
+    for protocol in zc.engine.protocols:
+        receive = protocol.datagram_received
+
+        def guarded(data: bytes, addrs: Any, receive: Callable[..., None] = receive) -> None:
+            with suppress(UnicodeDecodeError):
+                receive(data, addrs)
+
+        protocol.datagram_received = guarded  # type: ignore[method-assign]
+
+
 @asynccontextmanager
 async def _fresh_zeroconf(interface_addr: str) -> AsyncIterator[Zeroconf]:
     """A zeroconf instance on this loop, on one interface, closed (bounded) however we leave."""
@@ -296,6 +313,7 @@ async def _fresh_zeroconf(interface_addr: str) -> AsyncIterator[Zeroconf]:
             # zeroconf only logs a failed group join; a round that cannot ask must not say "absent".
             raise WireError(f"cannot send mDNS from {interface_addr}: not an address of an up link")
         _receive_only_here(zc)
+        _drop_unparsable(zc)
         yield zc
     finally:
         # A task, so that a second cancellation while we wait cannot leave the sockets open.
