@@ -51,6 +51,7 @@ class Agent:
     def __init__(self, node: Node, log: Path, *args: str, env: dict[str, str] | None = None):
         self.node = node
         self.log = log
+        self.started_at = time.monotonic()
         self.proc = node.spawn(
             PYTHON, "-m", "agent", *(args or ("run",)), log=log,
             env=node_env(SUGARKUBE_CLUSTER="sugar", SUGARKUBE_ENV="dev", **(env or {})),
