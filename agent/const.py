@@ -77,8 +77,11 @@ CLUSTER_NAME_MAX = 16
 SETTLE_WINDOW = 2.0  # s after our advert is established before an election may be won; Avahi's
 #   probe-and-announce takes ~0.9 s (3 probes 250 ms apart, RFC 6762 §8.1) plus 0-250 ms delay
 CANDIDATE_HOLD = 3.0  # s a vanished candidate still counts: renaming to "(bootstrap)" re-probes
-BOOTSTRAP_CONFIRM = 1.0  # s after our bootstrap advert is established before the confirm round
+BOOTSTRAP_CONFIRM = 0.5  # s after our bootstrap advert is established before the confirm round
 DEAD_SERVER_HOLD = 10.0  # s an unreachable server is not retried nor counted
+BOOTSTRAP_PROVE_RETRY = 0.5  # s between proofs of a bootstrapper whose k3s is still starting
+JOIN_VIEW_SETTLE = 0.15  # s after the first advert before taking a server slot (RFC 6762 §6:
+#   responders answer 20-120 ms after a query, so the rest of a cold browse follows within it)
 FORMATION_TICK = 0.25  # s: the longest the formation loop waits without an observation
 ABSENCE_ROUNDS = 2  # consecutive absent live rounds (DESIGN.md §A "Double-absence gate")
 ABSENCE_ROUND_GAP = 1.0  # s at least between the starts of counted rounds (DESIGN.md §A)
@@ -106,7 +109,7 @@ CONTROL_SOCKET = Path("/run/sugarkube/agent.sock")
 GATE_RELEASED_MARKER = Path("/run/sugarkube/gate-released")  # tmpfs: once per boot
 GATE_REPORT_INTERVAL = 5.0  # s between "why the gate waits" lines
 GATE_UNREACHABLE_GRACE = 10.0  # s `gate` keeps trying to reach a daemon that is starting
-LOCAL_API_POLL = 0.25  # s between checks that the local k3s API answers, after the release
+LOCAL_API_POLL = 0.1  # s between checks that the local k3s API answers, after the release
 WIPE_CONFIRM_TIMEOUT = 15.0  # s `wipe` waits for the double-absence of our own adverts
 
 # --- Live rounds on the wire (agent/mdns/wire.py; DESIGN.md §A "Double-absence gate") ---
@@ -139,3 +142,32 @@ NOTIFY_STATUS_MAX = 1000  # characters of STATUS=; x 4 bytes of UTF-8 + "STATUS=
 #   4096-byte notify datagram (NOTIFY_BUFFER_MAX = PIPE_BUF, src/basic/def.h); longer is dropped
 WATCHDOG_PROOF_SHARE = 0.5  # of the ping interval (WATCHDOG_USEC / 2) a proof of life may take:
 #   timely pings are then at most 0.75 x WATCHDOG_USEC apart, inside systemd's deadline
+
+# --- Metrics (agent/daemon/metrics.py; DESIGN.md §A "Observability") ---
+# Histogram upper bounds, s. Discovery: Avahi answers a visible server in ~90 ms (DESIGN.md §A,
+# measured in the lab); `discover --timeout` defaults to DISCOVER_TIMEOUT (5 s).
+METRICS_DISCOVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Absence gate: two live rounds of LIVE_ROUND_WINDOW (1 s) started ABSENCE_ROUND_GAP (1 s) apart
+# take 2 s at the least; a presence in between restarts the count.
+METRICS_ABSENCE_BUCKETS = (2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0)
+# Wire proof: a LAN TCP+TLS handshake and /cacerts take milliseconds; WIRE_PROOF_TIMEOUT is 10 s.
+METRICS_WIRE_PROOF_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+METRICS_REASONS_MAX = 16  # distinct join_refused reasons kept; later ones count as "other"
+METRICS_CHECKS_MAX = 128  # verifier checks exported per run (~25 built in, plus checks.d)
+METRICS_REQUEST_MAX = 8 * 1024  # bytes of request line and headers; Prometheus sends ~250
+METRICS_HEADERS_MAX = 64  # header lines in one request
+METRICS_READ_TIMEOUT = 5.0  # s for the whole request head; scrapers send it in one segment
+METRICS_WRITE_TIMEOUT = 5.0  # s to hand the response to the kernel (~10 KiB fits its buffer)
+METRICS_CONNECTIONS_MAX = 256  # open connections (one fd each); more are reset at once
+METRICS_RESOLVE_TIMEOUT = 2.0  # s to resolve a host name in metrics.listen (lab: no DNS)
+METRICS_CLOSE_TIMEOUT = 2.0  # s for open connections to end when the server closes
+METRICS_ACCEPT_BATCH = 32  # connections accepted per loop wake-up (asyncio's default is 100)
+METRICS_RENDER_REUSE = 1.0  # s a render serves further scrapes unless an event changed a metric
+
+# --- Netlink watch of the mDNS interface (agent/daemon/netlink.py; issue 5 item 4) ---
+NETLINK_SETTLE = 0.1  # s without another change before one is reported: a renumber (del+add,
+#   `ip addr replace`, a DHCP client's swap) lands within ms, so it gives one event; the lab
+#   measures the whole path (event to the peer's new ip4) against issue 5's 2 s
+NETLINK_SETTLE_MAX = 1.0  # s a change is held at most while the link keeps flapping
+NETLINK_RECV_SIZE = 64 * 1024  # bytes per datagram read; one notification is well under 32 KiB
+NETLINK_DRAIN_MAX = 256  # datagrams read per loop pass; the rest wait for the next pass

@@ -125,6 +125,8 @@ class Timings:
     candidate_hold: float = const.CANDIDATE_HOLD
     confirm: float = const.BOOTSTRAP_CONFIRM
     dead_hold: float = const.DEAD_SERVER_HOLD
+    bootstrap_retry: float = const.BOOTSTRAP_PROVE_RETRY
+    view_settle: float = const.JOIN_VIEW_SETTLE
 
 
 @dataclass
@@ -160,6 +162,7 @@ class Formation:
     _refused: set[str] = field(default_factory=set)
     _dead_until: dict[str, float] = field(default_factory=dict)
     _joined: NodeAdvert | None = None
+    _first_seen: float | None = None  # when step() first ran with any advert known
     _local_ca: str | None = None
     _advertised: Advertise | None = None
 
@@ -210,6 +213,10 @@ class Formation:
         if reason == "ca_mismatch":
             self._refused.add(advert.name)
             return Event("join_refused", (("server", advert.host), ("reason", reason)))
+        if advert.role == Role.BOOTSTRAP:
+            # Not serving yet: its k3s is starting. Ask again shortly, without a warning.
+            self._dead_until[advert.name] = now + self.timings.bootstrap_retry
+            return Event("bootstrap_not_serving_yet", (("server", advert.host),))
         self._dead_until[advert.name] = now + self.timings.dead_hold
         return Event("wire_proof_failed", (("server", advert.host), ("reason", reason)))
 
@@ -222,6 +229,8 @@ class Formation:
     def step(self, now: float) -> list[Action]:
         """Everything to do now, given what was observed; call again after any observation."""
         actions: list[Action] = []
+        if self._first_seen is None and self._seen:
+            self._first_seen = now
         if self.member is not None and self.released is None:
             self._release(actions, Release("member"), Phase.MEMBER, "member: cluster state found")
         if self.released is not None:
@@ -243,6 +252,8 @@ class Formation:
         if nxt is not None:
             candidates.append(nxt)
         candidates.append(self._confirm_after)
+        if self._first_seen is not None:
+            candidates.append(self._first_seen + self.timings.view_settle)
         future = [t for t in candidates if t > now]
         return min(future) if future else now + const.FORMATION_TICK
 
@@ -285,7 +296,7 @@ class Formation:
 
     def _confirm(self, now: float, actions: list[Action]) -> None:
         rival = self._lowest(now, Role.BOOTSTRAP)
-        server = self._server_to_join(now)
+        server = self._server_to_join(now, bootstrappers=False)
         if server is not None or (rival is not None and rival.key < self.key):
             winner = server or rival
             assert winner is not None
@@ -310,6 +321,12 @@ class Formation:
     def _join(self, now: float, server: NodeAdvert, actions: list[Action]) -> None:
         if self._joined is not None and self._joined.name == server.name:
             mode: ReleaseMode = "join-server" if self._server_slot(now) else "join-agent"
+            assert self._first_seen is not None
+            if mode == "join-server" and now < self._first_seen + self.timings.view_settle:
+                # A server slot is decided on the whole view: a cold browse hears the other
+                # responders within their 20-120 ms answer delay (RFC 6762 §6) of the first.
+                self.status = f"join: counting servers before joining {server.host}"
+                return
             self._release(
                 actions, Release(mode, server), Phase.RELEASED, f"joined https://{server.host}:6443"
             )
@@ -366,9 +383,14 @@ class Formation:
             self._advertised = advert
             actions.append(advert)
 
+    def _is_us(self, advert: NodeAdvert) -> bool:
+        """Our own advert. By key, not host name: two nodes may share a host name (Avahi then
+        renames one of them), and each must still see the other."""
+        return advert.key == self.key
+
     def _blocks(self, advert: NodeAdvert) -> bool:
         """Would this live advert stop us from bootstrapping?"""
-        if advert.host == self.host or advert.name in self._refused:
+        if self._is_us(advert) or advert.name in self._refused:
             return False
         if advert.role == Role.SERVER:
             return True
@@ -382,7 +404,7 @@ class Formation:
     def _present(self, now: float, hold: float) -> list[NodeAdvert]:
         return [
             s.advert for s in self._seen.values()
-            if s.advert.host != self.host and now < s.expires
+            if not self._is_us(s.advert) and now < s.expires
             and (s.present or now - s.gone_at < hold)
         ]
 
@@ -391,27 +413,35 @@ class Formation:
         found = [a for a in self._present(now, hold) if a.role == role]
         return min(found, key=lambda a: (a.key, a.name)) if found else None
 
-    def _server_to_join(self, now: float) -> NodeAdvert | None:
+    def _server_to_join(self, now: float, *, bootstrappers: bool = True) -> NodeAdvert | None:
+        # A bootstrapper whose API answers the wire proof has released with cluster-init: it
+        # is the cluster, so joining it need not wait for its rename to "(server)" (~1 s).
+        roles = (Role.SERVER, Role.BOOTSTRAP) if bootstrappers else (Role.SERVER,)
         servers = [
             a for a in self._present(now, 0.0)
-            if a.role == Role.SERVER and a.name not in self._refused
+            if a.role in roles and a.name not in self._refused
             and self._dead_until.get(a.name, 0.0) <= now
         ]
         if self._proving is not None:
             for a in servers:
                 if a.name == self._proving:
                     return a
-        return min(servers, key=lambda a: (a.key, a.name)) if servers else None
+        if not servers:
+            return None
+        return min(servers, key=lambda a: (a.role != Role.SERVER, a.key, a.name))
 
     def _server_slot(self, now: float) -> bool:
         """Whether we join as a server: the free slots go to the lowest waiting keys."""
         present = self._present(now, self.timings.candidate_hold)
+        # Nodes by key (a renamed node's old and new adverts share it; twins' host names don't).
         taken = {
-            a.host for a in present
+            a.key or a.name for a in present
             if (a.role in (Role.SERVER, Role.BOOTSTRAP) and a.name not in self._refused)
             or (a.role == Role.CANDIDATE and a.phase == Phase.JOIN)
         }
-        ahead = {a.host for a in present if a.role == Role.CANDIDATE and a.key < self.key}
+        ahead = {
+            a.key or a.name for a in present if a.role == Role.CANDIDATE and a.key < self.key
+        }
         return len(taken | ahead) < self.servers
 
     def _leader_host(self) -> str:

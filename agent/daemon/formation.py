@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ from agent.cluster.peers import Change, PeerTable
 from agent.cluster.probe import RefusalReason, choose_address, wire_proof
 from agent.config import Settings
 from agent.daemon.control import DaemonState, PeerInfo
-from agent.daemon.netlink import Interface
-from agent.log import EventLog
+from agent.daemon.metrics import Metrics
+from agent.daemon.netlink import Interface, InterfaceEvent
+from agent.log import EventLog, Level
 from agent.mdns import wire
 from agent.mdns.records import Advert, Role, encode_txt, instance_name, service_type
 
@@ -54,6 +56,7 @@ class FormationRunner:
         iface: Interface,
         hostname: str,
         state: DaemonState,
+        metrics: Metrics,
         root: Path = Path("/"),
     ) -> None:
         self._settings = settings
@@ -64,6 +67,10 @@ class FormationRunner:
         self._hostname = hostname
         self._host = f"{hostname}.local"
         self._state = state
+        self._metrics = metrics
+        self._absence_started: float | None = None
+        self._link_up = True
+        self._last_advertise: Advertise | None = None
         self._root = root
         self._stype = service_type(settings.cluster, settings.env)
         self._token = k3s.parse_token(settings.token.reveal()) if settings.token else None
@@ -117,6 +124,21 @@ class FormationRunner:
                 )
             self._wake.clear()
 
+    def interface_changed(self, event: InterfaceEvent) -> None:
+        """The link or an address changed: re-advertise the new ip4/ip6 (TXT in place)."""
+        if event.link_up != self._link_up:
+            self._log.event("link_up" if event.link_up else "link_down", "notice",
+                            interface=event.iface.name)
+        self._link_up = event.link_up
+        self._metrics.link_up(event.link_up)
+        if (event.iface.ip4, event.iface.ip6) != (self._iface.ip4, self._iface.ip6):
+            self._log.event("address_changed", interface=event.iface.name,
+                            ip4=event.iface.ip4 or None, ip6=event.iface.ip6 or None)
+        self._iface = event.iface
+        if self._last_advertise is not None and not self._wiped:
+            self._advertise(self._last_advertise)
+        self._wake.set()
+
     def avahi_changed(self, state: defs.ServerState | None) -> None:
         """avahi-daemon came, went or changed state: say so in the status."""
         self._avahi = state
@@ -126,6 +148,7 @@ class FormationRunner:
         """Withdraw every advert and stop forming (the `wipe` command then checks the wire)."""
         self._wiped = True
         withdrawn = await self._publisher.withdraw()
+        self._metrics.phase("wiped")
         await self._state.update(
             phase="wiped", status="wiped: restart sugarkube-agent to form again"
         )
@@ -137,15 +160,20 @@ class FormationRunner:
         if isinstance(action, Advertise):
             self._advertise(action)
         elif isinstance(action, RunRound):
+            if self._absence_started is None:
+                self._absence_started = time.monotonic()
             self._spawn(self._round())
         elif isinstance(action, Prove):
             self._spawn(self._prove(action.advert))
         elif isinstance(action, Release):
             await self._release(action)
         else:
+            if action.name == "election_won" and self._absence_started is not None:
+                self._metrics.absence_gate(time.monotonic() - self._absence_started)
             self._log.event(action.name, "notice", **dict(action.fields))
 
     def _advertise(self, action: Advertise) -> None:
+        self._last_advertise = action
         advert = Advert(
             cluster=self._settings.cluster, env=self._settings.env, role=action.role,
             phase=action.phase.value, host=self._host, leader=action.leader,
@@ -177,7 +205,7 @@ class FormationRunner:
             self.machine.round_failed()
             self._log.event("absence_round_failed", "warning", error=f"{type(err).__name__}: {err}")
         else:
-            adverts = wire.to_node_adverts(records, self._host)
+            adverts = wire.to_node_adverts(records, self.machine.key)
             self.machine.round_done(started, adverts)
             self._log.event(
                 "absence_round", "debug", seen=len(adverts),
@@ -198,13 +226,19 @@ class FormationRunner:
                 break
         ok = result is not None and result.ok
         reason = result.reason.value if result is not None and result.reason else "no_address"
+        if result is not None:
+            self._metrics.wire_proof(result.ms_elapsed / 1000)
+        if reason == RefusalReason.CA_MISMATCH:
+            self._metrics.join_refused(reason)
         if ok and result is not None:
             self._proven[advert.name] = result.address
         event = self.machine.proof_done(time.monotonic(), advert, ok, "" if ok else reason)
         fields = dict(event.fields)
         if result is not None:
             fields |= {"ms_elapsed": round(result.ms_elapsed), "evidence": result.evidence}
-        self._log.event(event.name, "info" if ok else "warning", **fields)
+        quiet = event.name == "bootstrap_not_serving_yet"
+        level: Level = "info" if ok else "debug" if quiet else "warning"
+        self._log.event(event.name, level, **fields)
         self._wake.set()
 
     async def _release(self, release: Release) -> None:
@@ -267,8 +301,9 @@ class FormationRunner:
                     continue
                 self._observe(change)
                 _log_change(self._log, change, event.ms_elapsed)
-                if change.kind == "added" and "discovery" not in self._state.snapshot.timings_ms:
-                    self._state.snapshot.timings_ms["discovery"] = event.ms_elapsed
+                if change.kind == "added":
+                    self._metrics.discovery(event.ms_elapsed / 1000)
+                    self._state.snapshot.timings_ms.setdefault("discovery", event.ms_elapsed)
                 self._wake.set()
 
     def _observe(self, change: Change) -> None:
@@ -300,7 +335,13 @@ class FormationRunner:
         status = m.status
         if self._avahi != defs.ServerState.RUNNING and not m.released:
             status = "avahi-daemon unavailable, retrying"
+        if not self._link_up:
+            status = f"link down on {self._iface.name}: waiting for the network"
         new = (m.phase.value, status, role, peers, avahi)
+        self._metrics.phase(m.phase.value)
+        self._metrics.gate_released(m.released is not None)
+        self._metrics.avahi_up(self._avahi == defs.ServerState.RUNNING)
+        self._metrics.peers(Counter(p.role for p in peers))
         if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:
             if snap.status != status:
                 self._log.event("phase", phase=m.phase.value, status=status)

@@ -14,15 +14,18 @@ import contextlib
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from agent import const
+from agent import __version__, const
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.avahi.publisher import Publisher
 from agent.config import ConfigError, Settings, load_settings
 from agent.daemon.control import ControlServer, DaemonState
 from agent.daemon.formation import FormationRunner
-from agent.daemon.netlink import InterfaceError, choose_interface
+from agent.daemon.metrics import Metrics, MetricsError, serve_metrics
+from agent.daemon.netlink import InterfaceError, choose_interface, watch_interface
+from agent.daemon.notify import Notifier
 from agent.daemon.verifier import due_this_boot, run_verifier
 from agent.log import EventLog
 
@@ -33,113 +36,174 @@ class Fatal(Exception):
 
 async def serve(settings: Settings, log: EventLog, config_path: Path | None = None) -> int:
     """Run the daemon until SIGTERM; returns the process exit code."""
-    started = time.monotonic()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    hup = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, hup.set)
-    try:
-        iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
-    except InterfaceError as err:
-        log.event("interface_unusable", "error", error=str(err))
-        return const.EXIT_UNAVAILABLE
-    hostname = socket.gethostname()
-    bus = AvahiBus(loop)
-    try:
-        await bus.open()
-    except AvahiError as err:
-        log.event("dbus_unavailable", "error", error=str(err))
-        return const.EXIT_UNAVAILABLE
-    publisher = Publisher(bus, log)
-    state = DaemonState()
-    runner = FormationRunner(
-        settings=settings, log=log, bus=bus, publisher=publisher, iface=iface,
-        hostname=hostname, state=state,
-    )
-    control = ControlServer(state, wipe=runner.wipe)
-    await control.start()
-    undo = bus.on_presence(runner.avahi_changed)
-    log.event(
-        "started", cluster=settings.cluster, env=settings.env, host=hostname,
-        interface=iface.name, avahi=bus.state.name.lower() if bus.state else "absent",
-        ms_elapsed=round((time.monotonic() - started) * 1000),
-    )
-    try:
-        async with asyncio.TaskGroup() as tasks:
-            components = [
-                tasks.create_task(publisher.run(), name="publisher"),
-                tasks.create_task(runner.run(), name="formation"),
-                tasks.create_task(_watch_bus(bus), name="bus"),
-                tasks.create_task(
-                    _verify_and_reload(
-                        settings=settings, config_path=config_path, log=log, runner=runner,
-                        hostname=hostname, hup=hup,
-                    ),
-                    name="verifier",
-                ),
-            ]
-            await stop.wait()
-            log.event("stopping")
-            withdrawn = await publisher.withdraw(const.SHUTDOWN_GRACE)
-            if not withdrawn:
-                log.event("withdraw_timeout", "warning", seconds=const.SHUTDOWN_GRACE)
-            for task in components:
-                task.cancel()
-    except* Exception as group:
-        for failure in group.exceptions:
-            log.event("crashed", "error", error=f"{type(failure).__name__}: {failure}")
-        crashed = True
-    else:
-        crashed = False
-    finally:
-        undo()
-        await runner.close()
-        await control.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(bus.close(), const.SHUTDOWN_GRACE)
-    if crashed:
-        return const.EXIT_FAIL
-    log.event("stopped")
-    return const.EXIT_OK
+    return await Daemon(settings, log, config_path).serve()
 
 
-async def _verify_and_reload(
-    *,
-    settings: Settings,
-    config_path: Path | None,
-    log: EventLog,
-    runner: FormationRunner,
-    hostname: str,
-    hup: asyncio.Event,
-) -> None:
-    """Verify once per boot after the gate opened (k3s up, or a bounded wait); on SIGHUP
-    reload the configuration (a bad one is logged and the old one kept) and verify again."""
-    release = asyncio.ensure_future(runner.released.wait())
-    hangup = asyncio.ensure_future(hup.wait())
-    await asyncio.wait({release, hangup}, return_when=asyncio.FIRST_COMPLETED)
-    if release.done() and due_this_boot():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(runner.k3s_up.wait(), const.VERIFIER_WAIT_FOR_K3S)
-        await run_verifier(settings, log, hostname)
-    release.cancel()
-    while True:
-        await hup.wait()
-        hup.clear()
+class Daemon:
+    """The daemon's lifecycle: signals, start-up, the components' TaskGroup, shutdown."""
+
+    def __init__(self, settings: Settings, log: EventLog, config_path: Path | None) -> None:
+        self.settings = settings
+        self.log = log
+        self.config_path = config_path
+        self.stop = asyncio.Event()
+        self.hup = asyncio.Event()
+        self.notifier = Notifier(on_error=lambda line: log.event("notify_failed", "warning",
+                                                                 error=line))
+        self.started = time.monotonic()
+        self._closers: list[Callable[[], Awaitable[object]]] = []
+
+    async def serve(self) -> int:
+        """Start up, run until SIGTERM, shut down; the exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.hup.set)
         try:
-            fresh = load_settings(config_path)
-        except ConfigError as err:
-            log.event("config_reload_failed", "error", error=str(err), kept="the running config")
+            code = await self._startup()
+            if code is not None:
+                return code
+            crashed = await self._run()
+        finally:
+            await self._shutdown()
+        if crashed:
+            return const.EXIT_FAIL
+        self.log.event("stopped")
+        return const.EXIT_OK
+
+    async def _startup(self) -> int | None:
+        """Open every resource; an exit code when one cannot be had."""
+        settings, log = self.settings, self.log
+        try:
+            self.iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
+        except InterfaceError as err:
+            log.event("interface_unusable", "error", error=str(err))
+            return const.EXIT_UNAVAILABLE
+        self.hostname = socket.gethostname()
+        self.bus = AvahiBus(asyncio.get_running_loop())
+        try:
+            await self.bus.open()
+        except AvahiError as err:
+            log.event("dbus_unavailable", "error", error=str(err))
+            return const.EXIT_UNAVAILABLE
+        self._closers.append(self.bus.close)
+        self.metrics = Metrics(__version__, settings.cluster, settings.env)
+        try:
+            server = await serve_metrics(self.metrics, settings.metrics.host, settings.metrics.port)
+        except MetricsError as err:
+            log.event("metrics_unavailable", "error", error=str(err))
+            return const.EXIT_CONFIG
+        self._closers.append(server.close)
+        self.publisher = Publisher(self.bus, log)
+        self.state = DaemonState()
+        self.runner = FormationRunner(
+            settings=settings, log=log, bus=self.bus, publisher=self.publisher, iface=self.iface,
+            hostname=self.hostname, state=self.state, metrics=self.metrics,
+        )
+        self._closers.append(self.runner.close)
+        control = ControlServer(self.state, wipe=self.runner.wipe)
+        await control.start()
+        self._closers.append(control.close)
+        undo = self.bus.on_presence(self.runner.avahi_changed)
+        self._closers.append(lambda: asyncio.sleep(0, undo()))
+        log.event(
+            "started", cluster=settings.cluster, env=settings.env, host=self.hostname,
+            interface=self.iface.name,
+            avahi=self.bus.state.name.lower() if self.bus.state else "absent",
+            ms_elapsed=round((time.monotonic() - self.started) * 1000),
+        )
+        self.notifier.ready()
+        return None
+
+    async def _run(self) -> bool:
+        """The components under one TaskGroup until SIGTERM; True when one of them crashed."""
+        crashed = False
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                components = [
+                    tasks.create_task(self.publisher.run(), name="publisher"),
+                    tasks.create_task(self.runner.run(), name="formation"),
+                    tasks.create_task(_watch_bus(self.bus), name="bus"),
+                    tasks.create_task(self._verify_and_reload(), name="verifier"),
+                    tasks.create_task(self._forward_status(), name="status"),
+                    tasks.create_task(self._watch_interface(), name="netlink"),
+                    tasks.create_task(
+                        self.notifier.watchdog(self.bus.ping_glib, self._watchdog_health),
+                        name="watchdog",
+                    ),
+                ]
+                await self.stop.wait()
+                self.notifier.stopping()
+                self.log.event("stopping")
+                if not await self.publisher.withdraw(const.SHUTDOWN_GRACE):
+                    self.log.event("withdraw_timeout", "warning", seconds=const.SHUTDOWN_GRACE)
+                for task in components:
+                    task.cancel()
+        except* Exception as group:
+            for failure in group.exceptions:
+                self.log.event("crashed", "error", error=f"{type(failure).__name__}: {failure}")
+            crashed = True
+        return crashed
+
+    async def _shutdown(self) -> None:
+        """Close what start-up opened, newest first, each bounded."""
+        for close in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(close(), const.SHUTDOWN_GRACE)
+
+    async def _watch_interface(self) -> None:
+        """Address and link changes of the mDNS interface reach the advert."""
+        async for event in watch_interface(self.iface.name, self.iface.index):
+            self.runner.interface_changed(event)
+
+    async def _forward_status(self) -> None:
+        """STATUS= follows the daemon's status line (systemctl status shows it)."""
+        while True:
+            self.notifier.status(self.state.snapshot.status)
+            await self.state.wait_change(const.GATE_REPORT_INTERVAL)
+
+    def _watchdog_health(self, reason: str | None) -> None:
+        if reason is None:
+            self.log.event("watchdog_recovered")
         else:
-            changed = [f for f in ("cluster", "env", "servers", "mdns", "metrics")
-                       if getattr(fresh, f) != getattr(settings, f)]
-            log.debug_enabled = fresh.mdns.debug
-            log.event(
-                "config_reloaded", changed=",".join(changed) or None,
-                restart_needed=bool(set(changed) - {"mdns"}) or None,
+            self.log.event("watchdog_withheld", "error", reason=reason)
+
+    async def _verify_and_reload(self) -> None:
+        """Verify once per boot after the gate opened (k3s up, or a bounded wait); on SIGHUP
+        reload the configuration (a bad one is logged and the old one kept) and verify again."""
+        release = asyncio.ensure_future(self.runner.released.wait())
+        hangup = asyncio.ensure_future(self.hup.wait())
+        await asyncio.wait({release, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if release.done() and due_this_boot():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.runner.k3s_up.wait(), const.VERIFIER_WAIT_FOR_K3S)
+            await self._verify()
+        release.cancel()
+        while True:
+            await self.hup.wait()
+            self.hup.clear()
+            self._reload()
+            await self._verify()
+
+    async def _verify(self) -> None:
+        results = await run_verifier(self.settings, self.log, self.hostname)
+        self.metrics.verifier([(r.name, r.status.value) for r in results])
+
+    def _reload(self) -> None:
+        try:
+            fresh = load_settings(self.config_path)
+        except ConfigError as err:
+            self.log.event(
+                "config_reload_failed", "error", error=str(err), kept="the running config"
             )
-        await run_verifier(settings, log, hostname)
+            return
+        changed = [f for f in ("cluster", "env", "servers", "mdns", "metrics")
+                   if getattr(fresh, f) != getattr(self.settings, f)]
+        self.log.debug_enabled = fresh.mdns.debug
+        self.log.event(
+            "config_reloaded", changed=",".join(changed) or None,
+            restart_needed=bool(set(changed) - {"mdns"}) or None,
+        )
 
 
 async def _watch_bus(bus: AvahiBus) -> None:

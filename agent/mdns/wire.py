@@ -217,9 +217,12 @@ class RoundCollector:
 
 
 
-def to_node_adverts(records: list[LiveRecord], own_host: str) -> list[NodeAdvert]:
-    """Other nodes' adverts among a round's records; unparsable TXT and our own host skipped."""
-    own = normalize_host(own_host)
+def to_node_adverts(records: list[LiveRecord], own_key: str) -> list[NodeAdvert]:
+    """Other nodes' adverts among a round's records; unparsable TXT and our own key skipped.
+
+    Our own advert is recognised by its election key, not its host name: two nodes may share
+    a host name.
+    """
     adverts = []
     for record in records:
         try:
@@ -227,7 +230,7 @@ def to_node_adverts(records: list[LiveRecord], own_host: str) -> list[NodeAdvert
         except RecordError:
             continue
         host = advert.host or normalize_host(record.host)
-        if host == own:
+        if own_key and advert.key == own_key:
             continue
         address = record.addresses[0] if record.addresses else advert.ip4
         adverts.append(
@@ -266,7 +269,7 @@ def _query(questions: list[DNSQuestion]) -> DNSOutgoing:
 
 
 def _receive_only_here(zc: Zeroconf) -> None:
-    """Make the shared 5353 socket take only mDNS of the interface it joined the group on.
+    """Make the shared 5353 socket take only mDNS of the interface it joined the group on (IPv4).
 
     Linux delivers a group's datagrams to every socket bound to the port when any socket on the
     host joined the group on the arriving interface (IP_MULTICAST_ALL, default 1), and
@@ -284,7 +287,8 @@ def _drop_unparsable(zc: Zeroconf) -> None:
 
     zeroconf 0.47.3 decodes HINFO strings as strict UTF-8 and lets UnicodeDecodeError escape from
     its datagram handler to the loop's exception handler: one traceback per junk packet, at a
-    rate anyone on the link chooses.
+    rate anyone on the link chooses. Its sockets read from the loop pass before the round takes
+    control, so a junk packet in that first instant is still logged; later ones are dropped.
     """
     for protocol in zc.engine.protocols:
         receive = protocol.datagram_received
@@ -296,9 +300,23 @@ def _drop_unparsable(zc: Zeroconf) -> None:
         protocol.datagram_received = guarded  # type: ignore[method-assign]
 
 
+def _check_local(interface_addr: str) -> None:
+    """WireError unless interface_addr is an address of this host.
+
+    Checked before zeroconf opens its sockets: when it fails half-way it leaves them unclosed.
+    """
+    family = socket.AF_INET6 if ":" in interface_addr else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((interface_addr, 0))
+    except OSError as err:
+        raise WireError(f"{interface_addr} is not an address of this host: {err.strerror}") from err
+
+
 @asynccontextmanager
 async def _fresh_zeroconf(interface_addr: str) -> AsyncIterator[Zeroconf]:
     """A zeroconf instance on this loop, on one interface, closed (bounded) however we leave."""
+    _check_local(interface_addr)
     try:
         aiozc = AsyncZeroconf(interfaces=[interface_addr])
     except (OSError, RuntimeError, ValueError) as err:

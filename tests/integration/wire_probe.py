@@ -3,7 +3,8 @@
 Usage (inside a node):
   python3 -m tests.integration.wire_probe STYPE ADDR [--rounds N] [--every S]
       N rounds (default 1), each started S seconds after the previous one started (default 0:
-      back to back); a line per round: started (monotonic s), ms, first_ms, records.
+      back to back), each listening --window S (default const.LIVE_ROUND_WINDOW); a line per
+      round: started (monotonic s), ms, first_ms, records.
   python3 -m tests.integration.wire_probe STYPE ADDR --cancel-after S
       cancel a round S seconds in; print whether the cancellation propagated and what was left.
   python3 -m tests.integration.wire_probe --junk ADDR STYPE
@@ -33,7 +34,7 @@ def record_json(record: LiveRecord) -> dict[str, object]:
     }
 
 
-async def rounds(stype: str, addr: str, count: int, every: float) -> int:
+async def rounds(stype: str, addr: str, count: int, every: float, window: float | None) -> int:
     loop = asyncio.get_running_loop()
     next_start = loop.time()
     for index in range(count):
@@ -46,7 +47,10 @@ async def rounds(stype: str, addr: str, count: int, every: float) -> int:
                 first.append(time.monotonic() - started)
 
         try:
-            records = await live_round(stype, interface_addr=addr, on_heard=heard)
+            records = await live_round(
+                stype, interface_addr=addr, on_heard=heard,
+                window=const.LIVE_ROUND_WINDOW if window is None else window,
+            )  # fmt: skip
         except WireError as err:
             print(json.dumps({"kind": "error", "round": index, "error": str(err)}), flush=True)
             return 1
@@ -100,10 +104,11 @@ def _response(*records: bytes) -> bytes:
     )
 
 
-def junk_packets(stype: str) -> list[bytes]:
-    """Packets a round must survive: garbage, cut-short records, foreign types, bad encodings."""
+def junk_packets(stype: str, addr: str) -> list[bytes]:
+    """Packets a round must survive: garbage, cut-short records, foreign types, bad encodings;
+    and one well-formed PTR naming the instance "junk-from-ADDR", to tell where packets got."""
     ptr_name = f"{stype}.local"
-    good = _response(_rr(ptr_name, 12, _name(f"junk-instance.{ptr_name}")))
+    good = _response(_rr(ptr_name, 12, _name(f"junk-from-{addr}.{ptr_name}")))
     return [
         b"",
         b"\xff" * 7,
@@ -116,6 +121,7 @@ def junk_packets(stype: str) -> list[bytes]:
         _response(_rr("host.local", 1, b"\x01\x02")),  # A record of 2 bytes
         _response(_rr(ptr_name, 12, b"\xc0\xff")),  # compression pointer past the end
         b"\x00\x00\x84\x00\x00\x00\xff\xff\x00\x00\x00\x00",  # 65535 answers announced, none sent
+        good,
     ]
 
 
@@ -123,9 +129,10 @@ def send_junk(addr: str, stype: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((addr, 0))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(addr))
-        for packet in junk_packets(stype):
+        packets = junk_packets(stype, addr)
+        for packet in packets:
             sock.sendto(packet, MDNS_GROUP)
-    print(json.dumps({"kind": "junk", "sent": len(junk_packets(stype))}), flush=True)
+    print(json.dumps({"kind": "junk", "sent": len(packets)}), flush=True)
     return 0
 
 
@@ -136,6 +143,7 @@ def main() -> int:
     parser.add_argument("second")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--every", type=float, default=0.0)
+    parser.add_argument("--window", type=float)
     parser.add_argument("--cancel-after", type=float)
     parser.add_argument("--const", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
@@ -146,7 +154,7 @@ def main() -> int:
         return send_junk(args.first, args.second)
     if args.cancel_after is not None:
         return asyncio.run(cancelled_round(args.first, args.second, args.cancel_after))
-    return asyncio.run(rounds(args.first, args.second, args.rounds, args.every))
+    return asyncio.run(rounds(args.first, args.second, args.rounds, args.every, args.window))
 
 
 if __name__ == "__main__":

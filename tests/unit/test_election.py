@@ -20,6 +20,7 @@ from agent.cluster.election import (
     Prove,
     Release,
     RunRound,
+    Timings,
 )
 from agent.cluster.gate import AbsenceGate
 from agent.mdns.records import Role
@@ -69,8 +70,14 @@ def test_gate_passes_only_after_two_spaced_absences_since_last_presence(
 # -- targeted cases -----------------------------------------------------------------------------
 
 
+# Fixed windows, so that the targeted cases do not follow tuning of agent/const.py.
+TIMINGS = Timings(settle=2.0, candidate_hold=3.0, confirm=1.0, dead_hold=10.0,
+                  bootstrap_retry=0.5, view_settle=0.15)
+
+
 def _node(host: str = "a.local", key: str = "5", servers: int = 3, **kw: object) -> Formation:
-    return Formation(host=host, key=key, servers=servers, stype="_k3s-sugar-dev._tcp", **kw)  # type: ignore[arg-type]
+    return Formation(host=host, key=key, servers=servers, stype="_k3s-sugar-dev._tcp",  # type: ignore[arg-type]
+                     timings=TIMINGS, **kw)
 
 
 def _ad(host: str, role: Role, key: str = "", ca: str = "") -> NodeAdvert:
@@ -143,9 +150,16 @@ def test_lower_key_candidate_makes_us_wait_even_while_it_renames() -> None:
     f.step(4.0)
     assert f.phase == Phase.DISCOVER
     assert "b.local" in f.status
-    f.advert_seen(_ad("b.local", Role.BOOTSTRAP, key="1"))
-    f.step(4.5)
+    bootstrapper = _ad("b.local", Role.BOOTSTRAP, key="1")
+    f.advert_seen(bootstrapper)
+    assert f.step(4.5) == [Prove(bootstrapper)]  # joined as soon as its API answers
+    event = f.proof_done(4.6, bootstrapper, ok=False, reason="unreachable")
+    assert event.name == "bootstrap_not_serving_yet"
+    assert f.step(4.7) == []
     assert "waiting for bootstrap node b.local" in f.status
+    assert f.step(5.1) == [Prove(bootstrapper)]  # asked again after the short retry
+    f.proof_done(5.2, bootstrapper, ok=True)
+    assert f.step(5.2) == [Release("join-server", bootstrapper)]
 
 
 def test_live_round_seeing_lower_candidate_resets_the_gate() -> None:
@@ -430,3 +444,17 @@ def test_one_node_of_three_never_arrives_the_others_still_form() -> None:
     sim.run(until=60)
     assert len(sim.inits) == 1
     assert sim.ca[0] is not None and sim.ca[0] == sim.ca[1]
+
+
+def test_server_slot_waits_for_the_rest_of_a_cold_browse() -> None:
+    f = _node(servers=3)
+    first = _ad("s1.local", Role.SERVER, key="1")
+    f.advert_seen(first)
+    assert f.step(0.0) == [Prove(first)]
+    f.proof_done(0.02, first, ok=True)
+    assert f.step(0.02) == []  # proven, but the view is 20 ms old: hold the server slot
+    assert "counting servers" in f.status
+    f.advert_seen(_ad("s2.local", Role.SERVER, key="2"))
+    f.advert_seen(_ad("s3.local", Role.SERVER, key="3"))
+    assert f.wake_at(0.05) <= 0.15
+    assert f.step(0.15) == [Release("join-agent", first)]

@@ -275,15 +275,16 @@ def test_without_an_address_the_txt_ip4_is_used() -> None:
     assert advert.address == ""
 
 
-def test_unparsable_txt_and_our_own_host_are_skipped() -> None:
+def test_unparsable_txt_and_our_own_key_are_skipped() -> None:
     records = [
         live(txt=()),  # PTR heard, TXT never came
         live(txt=(b"k3s=2", *TXT[1:])),
-        live(name="mine", host="Node2.local.", txt=TXT),  # ours, by SRV target
-        live(name="mine-txt", host="x.local", txt=(*TXT, b"host=NODE2.local")),  # ours, by TXT
+        live(name="mine", host="node2.local", txt=(*TXT, b"key=00aa")),  # ours, by key
+        # Same host name, another key: another node (Avahi renamed one of the twins' hosts).
+        live(name="twin", host="node2-2.local", txt=(*TXT, b"host=node2.local", b"key=00bb")),
         live(name="other", host="node3.local"),
     ]
-    assert [a.name for a in to_node_adverts(records, "node2")] == ["other"]
+    assert [a.name for a in to_node_adverts(records, "00aa")] == ["twin", "other"]
 
 
 def test_host_comes_from_txt_then_from_the_srv_target() -> None:
