@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := avahi-daemon avahi-utils dbus iproute2 util-linux nftables python3-venv \
 	python3-pydbus python3-gi python3-zeroconf python3-pyroute2 python3-scapy python3-yaml \
-	python3-prometheus-client python3-sdnotify python3-cryptography
+	python3-prometheus-client python3-sdnotify python3-cryptography prometheus
 PYTEST_ARGS ?=
 
 .PHONY: deps lint test test-all demo bench clean

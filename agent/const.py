@@ -171,3 +171,4 @@ NETLINK_SETTLE = 0.1  # s without another change before one is reported: a renum
 NETLINK_SETTLE_MAX = 1.0  # s a change is held at most while the link keeps flapping
 NETLINK_RECV_SIZE = 64 * 1024  # bytes per datagram read; one notification is well under 32 KiB
 NETLINK_DRAIN_MAX = 256  # datagrams read per loop pass; the rest wait for the next pass
+ADDRESS_LOSS_SETTLE = 1.0  # s an address must stay gone before the advert drops it

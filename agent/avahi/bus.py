@@ -191,7 +191,10 @@ class AvahiBus:
 
         await self._on_glib(start)
         # GDBus enforces timeout_ms; this outer bound only guards a wedged GLib thread.
-        result: tuple[Any, ...] = await asyncio.wait_for(fut, timeout_ms / 1000 + 1.0)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the call completes (gh-86296), and shutdown cancels calls in flight.
+        async with asyncio.timeout(timeout_ms / 1000 + 1.0):
+            result: tuple[Any, ...] = await fut
         return result
 
     # -- signals ----------------------------------------------------------------------------

@@ -70,7 +70,8 @@ class Publisher:
     async def settled(self, timeout: float) -> bool:
         """True once Avahi holds what was last set() (committed, not yet established)."""
         try:
-            await asyncio.wait_for(self._synced.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._synced.wait()
         except TimeoutError:
             return False
         return True

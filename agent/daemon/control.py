@@ -69,7 +69,8 @@ class DaemonState:
         """Return after the next update, or after timeout."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
 
 WipeHandler = Callable[[], Awaitable[bool]]

@@ -70,6 +70,8 @@ class FormationRunner:
         self._metrics = metrics
         self._absence_started: float | None = None
         self._link_up = True
+        self._link_flaps = 0  # link state changes seen; a round spanning one proves nothing
+        self._readvertise: asyncio.TimerHandle | None = None
         self._last_advertise: Advertise | None = None
         self._root = root
         self._stype = service_type(settings.cluster, settings.env)
@@ -119,14 +121,14 @@ class FormationRunner:
                     await self._act(action)
             await self._publish_state()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._wake.wait(), max(0.0, self.machine.wake_at(now) - time.monotonic())
-                )
+                async with asyncio.timeout(max(0.0, self.machine.wake_at(now) - time.monotonic())):
+                    await self._wake.wait()
             self._wake.clear()
 
     def interface_changed(self, event: InterfaceEvent) -> None:
         """The link or an address changed: re-advertise the new ip4/ip6 (TXT in place)."""
         if event.link_up != self._link_up:
+            self._link_flaps += 1
             self._log.event("link_up" if event.link_up else "link_down", "notice",
                             interface=event.iface.name)
         self._link_up = event.link_up
@@ -134,10 +136,22 @@ class FormationRunner:
         if (event.iface.ip4, event.iface.ip6) != (self._iface.ip4, self._iface.ip6):
             self._log.event("address_changed", interface=event.iface.name,
                             ip4=event.iface.ip4 or None, ip6=event.iface.ip6 or None)
+        old = self._iface
+        lost = (old.ip4 and not event.iface.ip4) or (old.ip6 and not event.iface.ip6)
         self._iface = event.iface
+        if self._readvertise is not None:
+            self._readvertise.cancel()
+        # An address that went away is usually replaced at once (a DHCP renewal deletes, then
+        # adds): advertise the loss only if it lasts, since Avahi multicasts a record at most
+        # once a second (RFC 6762 §6) and the replacement would wait behind the empty one.
+        delay = const.ADDRESS_LOSS_SETTLE if lost else 0.0
+        self._readvertise = asyncio.get_running_loop().call_later(delay, self._readvertise_now)
+        self._wake.set()
+
+    def _readvertise_now(self) -> None:
+        self._readvertise = None
         if self._last_advertise is not None and not self._wiped:
             self._advertise(self._last_advertise)
-        self._wake.set()
 
     def avahi_changed(self, state: defs.ServerState | None) -> None:
         """avahi-daemon came, went or changed state: say so in the status."""
@@ -199,12 +213,25 @@ class FormationRunner:
 
     async def _round(self) -> None:
         started = time.monotonic()
+        flaps = self._link_flaps
+        if not self._link_up:
+            # Unplugged, a round hears nothing: that is no evidence of absence.
+            self.machine.round_failed()
+            self._wake.set()
+            return
         try:
             records = await wire.live_round(self._stype, interface_addr=self._iface.ip4)
         except Exception as err:  # a failed round is no evidence either way
             self.machine.round_failed()
             self._log.event("absence_round_failed", "warning", error=f"{type(err).__name__}: {err}")
         else:
+            await asyncio.sleep(const.NETLINK_SETTLE)  # a link drop is reported this late
+            # A record heard without TXT cannot be judged: no evidence either way.
+            unknown = any(not r.txt for r in records)
+            if flaps != self._link_flaps or not self._link_up or unknown:
+                self.machine.round_failed()  # the link went down under the round
+                self._wake.set()
+                return
             adverts = wire.to_node_adverts(records, self.machine.key)
             self.machine.round_done(started, adverts)
             self._log.event(

@@ -1,13 +1,14 @@
 """The service manager's notify protocol (sd_notify(3)): READY, STATUS, STOPPING, WATCHDOG.
 
 Written against NOTIFY_SOCKET directly, not with python3-sdnotify 0.3.1: that library hides every
-failure behind a bare `except:` (a refused or full socket, and a STATUS line it cannot encode,
-since it encodes Latin-1 where systemd reads UTF-8), sends with a blocking `sendall()` that can
-stall the event loop when PID 1's queue is full, reads only `os.environ`, and knows nothing of
-WATCHDOG_USEC or WATCHDOG_PID. What it does right, `@` for an abstract socket, is kept here.
+failure behind a bare `except:` (a refused or full socket; a STATUS line outside Latin-1, its
+encoding, where systemd reads UTF-8), sends with a blocking `sendall()` that can stall the event
+loop when PID 1's queue is full, reads only `os.environ`, and knows nothing of WATCHDOG_USEC or
+WATCHDOG_PID. What it does right, `@` for an abstract socket, is kept here.
 
-Each message goes out on a fresh non-blocking datagram socket, as libsystemd's sd_notify() does:
-no descriptor to own or close, and a message that cannot be queued is dropped, never waited for.
+Each message goes out on a fresh datagram socket, as libsystemd's sd_notify() does, but a
+non-blocking one: no descriptor to own or close, and a message PID 1 cannot queue is dropped
+and reported, never waited for.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Notifier:
             )
 
     def ready(self) -> None:
-        """Send READY=1, once."""
+        """Send READY=1 once; a call after a failed send tries again."""
         if not self._ready:
             self._ready = self._send("READY=1")
 

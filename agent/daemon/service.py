@@ -176,7 +176,8 @@ class Daemon:
         await asyncio.wait({release, hangup}, return_when=asyncio.FIRST_COMPLETED)
         if release.done() and due_this_boot():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.runner.k3s_up.wait(), const.VERIFIER_WAIT_FOR_K3S)
+                async with asyncio.timeout(const.VERIFIER_WAIT_FOR_K3S):
+                    await self.runner.k3s_up.wait()
             await self._verify()
         release.cancel()
         while True:

@@ -54,6 +54,10 @@ def test_a_node_booting_into_a_formed_cluster_joins_as_agent(lab_factory, tmp_pa
     lab = lab_factory(4)
     first = [PiNode(n, tmp_path).start() for n in lab.nodes[:3]]
     _assert_one_cluster(first, wait_formed(first, 40))
+    for pi in first:  # an existing cluster: every server advertises as one
+        assert pi.agent is not None
+        name = f"k3s-sugar-dev@{pi.node.name}.local (server)"
+        pi.agent.wait_event("advert_published", 15, name=name)
     late = PiNode(lab.node(4), tmp_path).start()
     (released,) = wait_formed([late], 20)
     assert released["mode"] == "join-agent"

@@ -13,7 +13,7 @@ from zeroconf._protocol.incoming import DNSIncoming
 
 from agent import const
 from agent.cluster.election import NodeAdvert
-from agent.mdns.records import Role, normalize_host
+from agent.mdns.records import Role
 from agent.mdns.wire import (
     LiveRecord,
     RoundCollector,
@@ -262,16 +262,16 @@ def live(name: str = NODE1, host: str = "node1.local", txt: tuple[bytes, ...] = 
 def test_to_node_adverts_fills_the_advert_from_txt_and_the_first_address() -> None:
     txt = (*TXT, b"phase=server", b"host=node1.local", b"ip4=10.9.9.9", b"key=00ab",
            b"ca=" + b"a" * 64)
-    assert to_node_adverts([live(txt=txt)], "node2.local") == [
+    assert to_node_adverts([live(txt=txt)], "00ff") == [
         NodeAdvert(name=NODE1, host="node1.local", role=Role.SERVER, key="00ab", ca="a" * 64,
                    address="10.0.0.1", phase="server")
     ]
 
 
 def test_without_an_address_the_txt_ip4_is_used() -> None:
-    (advert,) = to_node_adverts([live(txt=(*TXT, b"ip4=10.9.9.9"), addresses=())], "node2")
+    (advert,) = to_node_adverts([live(txt=(*TXT, b"ip4=10.9.9.9"), addresses=())], "00ff")
     assert advert.address == "10.9.9.9"
-    (advert,) = to_node_adverts([live(addresses=())], "node2")
+    (advert,) = to_node_adverts([live(addresses=())], "00ff")
     assert advert.address == ""
 
 
@@ -288,18 +288,28 @@ def test_unparsable_txt_and_our_own_key_are_skipped() -> None:
 
 
 def test_host_comes_from_txt_then_from_the_srv_target() -> None:
-    (by_txt,) = to_node_adverts([live(txt=(*TXT, b"host=node9.local"))], "node2")
-    (by_srv,) = to_node_adverts([live(host="Node1.local")], "node2")
+    (by_txt,) = to_node_adverts([live(txt=(*TXT, b"host=node9.local"))], "00ff")
+    (by_srv,) = to_node_adverts([live(host="Node1.local")], "00ff")
     assert (by_txt.host, by_srv.host) == ("node9.local", "node1.local")
 
 
-@given(st.lists(st.lists(st.binary(max_size=30), max_size=8), max_size=5), labels)
-def test_to_node_adverts_never_raises_and_never_returns_our_host(
-    txts: list[list[bytes]], own: str
+keys = st.text("0123456789abcdef", min_size=1, max_size=16)
+
+
+@given(st.lists(st.tuples(st.lists(st.binary(max_size=30), max_size=8), keys), max_size=5), keys)
+def test_to_node_adverts_never_raises_and_never_returns_our_key(
+    txts: list[tuple[list[bytes], str]], own: str
 ) -> None:
-    records = [live(name=f"n{i}", host=f"{own}.local", txt=tuple(t)) for i, t in enumerate(txts)]
+    records = [
+        live(name=f"n{i}", txt=(*items, f"key={key}".encode()))
+        for i, (items, key) in enumerate(txts)
+    ]
     for advert in to_node_adverts(records, own):
-        assert advert.host != normalize_host(own) and advert.role in Role
+        assert advert.key != own and advert.role in Role
+
+
+def test_without_a_key_of_our_own_nothing_is_taken_for_ours() -> None:
+    assert [a.name for a in to_node_adverts([live(), live(name="b")], "")] == [NODE1, "b"]
 
 
 # --- what live_round refuses before it opens a socket ---------------------------------------------
