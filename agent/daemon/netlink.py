@@ -1,11 +1,11 @@
-"""The mDNS interface and its addresses, read and watched over rtnetlink (pyroute2).
+"""The mDNS interface and its addresses, read and watched over rtnetlink (agent/daemon/rtnl.py).
 
 `choose_interface()` picks the interface once at start; `watch_interface()` then follows its link
 and addresses. Both fold the same kernel messages (RTM_NEWLINK, RTM_NEWADDR, ...) into a
 `LinkState`, so the addresses chosen at start and after a change follow the same rules. The
 watcher subscribes before it dumps the current state: a change in between waits in the socket and
 is applied after the dump, and since every message sets (or removes) one fact, the end state is
-the kernel's. pyroute2 costs ~100 ms of imports, so it is imported only where it is used.
+the kernel's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent import const
+from agent.daemon import rtnl
 
 # Interfaces that are never the LAN a Pi cluster forms on: loopback, container and overlay links.
 _SKIPPED_PREFIXES = ("lo", "cni", "flannel", "veth", "docker", "kube-", "tailscale", "br-", "virbr")
@@ -59,7 +60,7 @@ class InterfaceEvent:
 
 
 class Message(Protocol):
-    """What LinkState reads of a parsed rtnetlink message (pyroute2's nlmsg has this shape)."""
+    """What LinkState reads of a parsed rtnetlink message (rtnl.Msg; pyroute2's has it too)."""
 
     def __getitem__(self, key: str, /) -> Any: ...
 
@@ -96,7 +97,7 @@ class LinkState:
                 elif kind in (RTM_NEWADDR, RTM_DELADDR):
                     self._address(kind, msg)
         except (KeyError, TypeError, ValueError, AttributeError):
-            return False  # a message pyroute2 could not decode: nothing in it can be trusted
+            return False  # a message that could not be decoded: nothing in it can be trusted
         return self.event() != before
 
     def _link(self, kind: int, msg: Message) -> None:
@@ -193,11 +194,8 @@ def usable(name: str, kind: str = "") -> bool:
 
 def choose_interface(configured: str | None) -> Interface:
     """The configured interface, else the usable one the default route leaves through."""
-    from pyroute2 import IPRoute  # deferred: ~100 ms of imports a CLI call does not need
-    from pyroute2.netlink.exceptions import NetlinkError
-
     try:
-        with IPRoute() as ipr:
+        with rtnl.IPRoute() as ipr:
             if configured:
                 found = ipr.link_lookup(ifname=configured)
                 if not found:
@@ -208,14 +206,12 @@ def choose_interface(configured: str | None) -> Interface:
                 state = _read_state(ipr, configured, int(found[0]))
             else:
                 state = _default_route_state(ipr)
-    except (NetlinkError, OSError) as err:
+    except OSError as err:  # rtnl.NetlinkError included
         raise InterfaceError(f"cannot read the interfaces over netlink: {err}") from err
     return state.event().iface
 
 
 def _default_route_state(ipr: Any) -> LinkState:
-    from pyroute2.netlink.exceptions import NetlinkError
-
     for family in (socket.AF_INET, socket.AF_INET6):
         routes = sorted(
             ipr.get_default_routes(family=family), key=lambda r: r.get_attr("RTA_PRIORITY") or 0
@@ -224,7 +220,7 @@ def _default_route_state(ipr: Any) -> LinkState:
             for index in _route_oifs(route):
                 try:
                     state = _read_state(ipr, "", index)
-                except NetlinkError:  # the link went away since the route dump: not this one
+                except rtnl.NetlinkError:  # the link went away since the route dump: not this one
                     continue
                 if usable(state.name, state.kind):
                     return state
@@ -250,13 +246,10 @@ def _read_state(ipr: Any, name: str, index: int) -> LinkState:
 
 
 def _dump(name: str, index: int) -> LinkState:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     try:
-        with IPRoute() as ipr:
+        with rtnl.IPRoute() as ipr:
             return _read_state(ipr, name, index)
-    except NetlinkError as err:
+    except rtnl.NetlinkError as err:
         if err.code == errno.ENODEV:
             raise InterfaceError(_gone(name, index)) from err
         raise InterfaceError(f"cannot read interface {name} over netlink: {err}") from err
@@ -272,10 +265,10 @@ def _gone(name: str, index: int) -> str:
 
 
 def parse(marshal: Any, data: bytes) -> list[Message] | None:
-    """The messages of one netlink datagram; None if pyroute2 cannot take it all apart."""
+    """The messages of one netlink datagram; None if the marshal cannot take it all apart."""
     try:
         messages = list(marshal.parse(data))
-    except Exception:  # pyroute2's parser raises struct.error and friends on truncated input
+    except Exception:  # struct.error, ValueError and friends on truncated input
         return None
     if (data and not messages) or any(m["header"].get("error") for m in messages):
         return None  # pyroute2 marks a message it could only partly decode with an error
@@ -329,8 +322,6 @@ async def watch_interface(name: str, index: int) -> AsyncIterator[InterfaceEvent
     event, with the final state). InterfaceError when the interface disappears or netlink fails.
     The socket is closed when the iteration ends, is cancelled or raises.
     """
-    from pyroute2.netlink.rtnl.marshal import MarshalRtnl  # deferred: ~100 ms of imports
-
     loop = asyncio.get_running_loop()
     try:
         sock = _subscribe()
@@ -342,7 +333,7 @@ async def watch_interface(name: str, index: int) -> AsyncIterator[InterfaceEvent
         loop.add_reader(sock.fileno(), readable.set)
         state = await asyncio.to_thread(_dump, name, index)
         yield state.event()
-        marshal = MarshalRtnl()
+        marshal = rtnl.Marshal()
         settle = Debounce(const.NETLINK_SETTLE, const.NETLINK_SETTLE_MAX)
         while True:
             try:
