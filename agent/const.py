@@ -83,6 +83,7 @@ BOOTSTRAP_PROVE_RETRY = 0.5  # s between proofs of a bootstrapper whose k3s is s
 JOIN_VIEW_SETTLE = 0.15  # s after the first advert before taking a server slot (RFC 6762 §6:
 #   responders answer 20-120 ms after a query, so the rest of a cold browse follows within it)
 FORMATION_TICK = 0.25  # s: the longest the formation loop waits without an observation
+IDLE_WAKE = 3600.0  # s: the same, once the gate is open (nothing left to time)
 ABSENCE_ROUNDS = 2  # consecutive absent live rounds (DESIGN.md §A "Double-absence gate")
 ABSENCE_ROUND_GAP = 1.0  # s at least between the starts of counted rounds (DESIGN.md §A)
 
@@ -109,7 +110,8 @@ CONTROL_SOCKET = Path("/run/sugarkube/agent.sock")
 GATE_RELEASED_MARKER = Path("/run/sugarkube/gate-released")  # tmpfs: once per boot
 GATE_REPORT_INTERVAL = 5.0  # s between "why the gate waits" lines
 GATE_UNREACHABLE_GRACE = 10.0  # s `gate` keeps trying to reach a daemon that is starting
-LOCAL_API_POLL = 0.1  # s between checks that the local k3s API answers, after the release
+LOCAL_API_POLL = 0.1  # s: first wait between checks that the local k3s API answers
+LOCAL_API_POLL_MAX = 2.0  # s: the wait doubles up to this while k3s starts
 WIPE_CONFIRM_TIMEOUT = 15.0  # s `wipe` waits for the double-absence of our own adverts
 
 # --- Live rounds on the wire (agent/mdns/wire.py; DESIGN.md §A "Double-absence gate") ---
@@ -172,3 +174,11 @@ NETLINK_SETTLE_MAX = 1.0  # s a change is held at most while the link keeps flap
 NETLINK_RECV_SIZE = 64 * 1024  # bytes per datagram read; one notification is well under 32 KiB
 NETLINK_DRAIN_MAX = 256  # datagrams read per loop pass; the rest wait for the next pass
 ADDRESS_LOSS_SETTLE = 1.0  # s an address must stay gone before the advert drops it
+
+# --- No-D-Bus fallback (agent/mdns/fallback.py; SUGARKUBE_MDNS_DBUS=0, issue 5 item 5) ---
+FALLBACK_SERVICE_FILE_MODE = 0o644  # avahi-daemon reads /etc/avahi/services as its own user
+FALLBACK_CONFIRM_RETRY = 0.5  # s between live rounds that look for our own static advert
+FALLBACK_BROWSE_INTERVAL = 1.0  # s from one browse round's start to the next: back to back, as a
+#   round lasts LIVE_ROUND_WINDOW (1 s); 3 queries/s per node, a handful of nodes on the link
+FALLBACK_BROWSE_MISSES = 2  # consecutive rounds a record must be missing before it is removed:
+#   one lost answer must not flap the peer table

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import agent, discovery, formation
+from bench import agent, discovery, formation, idle
 from bench.stats import markdown
 from tests.integration.helpers import Probe
 from tests.lab import Lab
@@ -32,6 +32,7 @@ def main() -> int:
     figures.append(formation.cold_formation(formation_runs))
     figures += formation.join_next_to_server(formation_runs)
     figures += formation.absence(formation_runs)
+    figures += idle.measure(float(os.environ.get("BENCH_IDLE_S", "300")))
     today = datetime.date.today().isoformat()
     text = (
         f"# Benchmarks {today}\n\n"

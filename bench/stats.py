@@ -38,8 +38,10 @@ def markdown(figures: Sequence[Figure]) -> str:
         if not f.values:
             rows.append(f"| {f.name} | 0 | - | - | - | - | {f.unit} |")
             continue
+        digits = 3 if max(abs(v) for v in f.values) < 1 else 1  # small values keep their size
+        cells = [f.median(), f.p95(), min(f.values), max(f.values)]
         rows.append(
-            f"| {f.name} | {f.n} | {f.median():.1f} | {f.p95():.1f} | {min(f.values):.1f} "
-            f"| {max(f.values):.1f} | {f.unit} |"
+            f"| {f.name} | {f.n} | " + " | ".join(f"{c:.{digits}f}" for c in cells)
+            + f" | {f.unit} |"
         )
     return "\n".join(rows)

@@ -245,6 +245,8 @@ class Formation:
 
     def wake_at(self, now: float) -> float:
         """When step() may decide something new without a new observation."""
+        if self.released is not None:
+            return now + const.IDLE_WAKE  # after the release only observations matter
         candidates = [now + const.FORMATION_TICK]
         if self._published_at is not None:
             candidates.append(self._published_at + self.timings.settle)

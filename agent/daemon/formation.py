@@ -300,6 +300,7 @@ class FormationRunner:
             self._spawn(self._watch_local_api())
 
     async def _watch_local_api(self) -> None:
+        delay = const.LOCAL_API_POLL
         while True:
             result = await wire_proof(
                 "127.0.0.1", const.K3S_API_PORT, expected_ca_sha256=None, timeout=1.0
@@ -311,7 +312,9 @@ class FormationRunner:
                 self._log.event("k3s_serving", ms_elapsed=round(elapsed))
                 self._wake.set()
                 return
-            await asyncio.sleep(const.LOCAL_API_POLL)
+            # k3s takes from a second (the lab) to a minute (a Pi's first start) to answer.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, const.LOCAL_API_POLL_MAX)
 
     # -- the browser --------------------------------------------------------------------------
 
@@ -365,11 +368,11 @@ class FormationRunner:
         if not self._link_up:
             status = f"link down on {self._iface.name}: waiting for the network"
         new = (m.phase.value, status, role, peers, avahi)
-        self._metrics.phase(m.phase.value)
-        self._metrics.gate_released(m.released is not None)
-        self._metrics.avahi_up(self._avahi == defs.ServerState.RUNNING)
-        self._metrics.peers(Counter(p.role for p in peers))
         if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:
+            self._metrics.phase(m.phase.value)
+            self._metrics.gate_released(m.released is not None)
+            self._metrics.avahi_up(self._avahi == defs.ServerState.RUNNING)
+            self._metrics.peers(Counter(p.role for p in peers))
             if snap.status != status:
                 self._log.event("phase", phase=m.phase.value, status=status)
             await self._state.update(
