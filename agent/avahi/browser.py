@@ -15,25 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from agent.avahi import defs
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.log import EventLog
-from agent.mdns.records import ServiceRecord
+from agent.mdns.records import BrowseEvent, EventKind, Identity, ServiceRecord
 
 ItemKey = tuple[int, int, str, str, str]  # interface, protocol, name, type, domain
-Identity = tuple[str, str, str]  # name, type, domain
-EventKind = Literal["added", "updated", "removed", "all_for_now"]
-
-
-@dataclass(frozen=True)
-class BrowseEvent:
-    """A change in what the browser sees; ms_elapsed counts from the browser's start."""
-
-    kind: EventKind
-    record: ServiceRecord | None
-    ms_elapsed: float
 
 
 @dataclass

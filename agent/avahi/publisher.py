@@ -12,27 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from agent import const
 from agent.avahi import defs
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.log import EventLog
+from agent.mdns.records import Advertisement
 
 _COLLISION_RENAMES_MAX = 16  # alternative names tried in a row before giving up until a kick
-
-
-@dataclass(frozen=True)
-class Advertisement:
-    """One instance name published under several service types, with one port and TXT."""
-
-    name: str
-    stypes: tuple[str, ...]
-    port: int
-    txt: tuple[bytes, ...]
-    interface: int = defs.IF_UNSPEC
-    protocol: int = defs.Protocol.UNSPEC
 
 
 class Publisher:

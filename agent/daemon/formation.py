@@ -13,15 +13,13 @@ import contextlib
 import secrets
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent import const
 from agent.avahi import defs
-from agent.avahi.browser import Browser
-from agent.avahi.bus import AvahiBus
-from agent.avahi.publisher import Advertisement, Publisher
 from agent.cluster import k3s
 from agent.cluster.election import (
     Advertise,
@@ -40,7 +38,34 @@ from agent.daemon.metrics import Metrics
 from agent.daemon.netlink import Interface, InterfaceEvent
 from agent.log import EventLog, Level
 from agent.mdns import wire
-from agent.mdns.records import Advert, Role, encode_txt, instance_name, service_type
+from agent.mdns.records import (
+    Advert,
+    Advertisement,
+    BrowseEvent,
+    Role,
+    encode_txt,
+    instance_name,
+    service_type,
+)
+
+
+class AdvertPublisher(Protocol):
+    """What the runner needs of a publisher: avahi/publisher.py, or mdns/fallback.py's."""
+
+    on_established: Callable[[str], None] | None
+
+    @property
+    def name(self) -> str: ...
+
+    def set(self, advert: Advertisement | None) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def withdraw(self, timeout: float = ...) -> bool: ...
+
+
+# A browser for this cluster's type: avahi/browser.py, or mdns/fallback.py's LiveBrowser.
+BrowserFactory = Callable[[], AbstractAsyncContextManager[AsyncIterator[BrowseEvent]]]
 
 
 class FormationRunner:
@@ -51,9 +76,11 @@ class FormationRunner:
         *,
         settings: Settings,
         log: EventLog,
-        bus: AvahiBus,
-        publisher: Publisher,
+        publisher: AdvertPublisher,
+        browse: BrowserFactory,
+        avahi: defs.ServerState | None,
         iface: Interface,
+        status_note: str = "",
         hostname: str,
         state: DaemonState,
         metrics: Metrics,
@@ -61,7 +88,8 @@ class FormationRunner:
     ) -> None:
         self._settings = settings
         self._log = log
-        self._bus = bus
+        self._browse_factory = browse
+        self._status_note = status_note  # said after every status line (the no-D-Bus path)
         self._publisher = publisher
         self._iface = iface
         self._hostname = hostname
@@ -85,7 +113,7 @@ class FormationRunner:
         self.released = asyncio.Event()  # the gate opened
         self.k3s_up = asyncio.Event()  # the local k3s API answers (servers only)
         self._failure: BaseException | None = None
-        self._avahi: defs.ServerState | None = bus.state
+        self._avahi = avahi
         self._table = PeerTable(settings.cluster, settings.env)
         self.machine = Formation(
             host=self._host,
@@ -319,7 +347,7 @@ class FormationRunner:
     # -- the browser --------------------------------------------------------------------------
 
     async def _browse(self) -> None:
-        async with Browser(self._bus, self._stype, self._log) as browser:
+        async with self._browse_factory() as browser:
             async for event in browser:
                 record = event.record
                 if record is None:
@@ -367,6 +395,7 @@ class FormationRunner:
             status = "avahi-daemon unavailable, retrying"
         if not self._link_up:
             status = f"link down on {self._iface.name}: waiting for the network"
+        status += self._status_note
         new = (m.phase.value, status, role, peers, avahi)
         if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:
             self._metrics.phase(m.phase.value)

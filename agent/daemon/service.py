@@ -18,16 +18,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent import __version__, const
+from agent.avahi import defs
+from agent.avahi.browser import Browser
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.avahi.publisher import Publisher
 from agent.config import ConfigError, Settings, load_settings
 from agent.daemon.control import ControlServer, DaemonState
-from agent.daemon.formation import FormationRunner
+from agent.daemon.formation import AdvertPublisher, BrowserFactory, FormationRunner
 from agent.daemon.metrics import Metrics, MetricsError, serve_metrics
 from agent.daemon.netlink import InterfaceError, choose_interface, watch_interface
 from agent.daemon.notify import Notifier
 from agent.daemon.verifier import due_this_boot, run_verifier
 from agent.log import EventLog
+from agent.mdns.records import service_type
 
 
 class Fatal(Exception):
@@ -52,6 +55,7 @@ class Daemon:
                                                                  error=line))
         self.started = time.monotonic()
         self._closers: list[Callable[[], Awaitable[object]]] = []
+        self.bus: AvahiBus | None = None  # None on the no-D-Bus path
 
     async def serve(self) -> int:
         """Start up, run until SIGTERM, shut down; the exit code."""
@@ -80,13 +84,9 @@ class Daemon:
             log.event("interface_unusable", "error", error=str(err))
             return const.EXIT_UNAVAILABLE
         self.hostname = socket.gethostname()
-        self.bus = AvahiBus(asyncio.get_running_loop())
-        try:
-            await self.bus.open()
-        except AvahiError as err:
-            log.event("dbus_unavailable", "error", error=str(err))
-            return const.EXIT_UNAVAILABLE
-        self._closers.append(self.bus.close)
+        code = await (self._open_dbus() if settings.mdns.dbus else self._open_fallback())
+        if code is not None:
+            return code
         self.metrics = Metrics(__version__, settings.cluster, settings.env)
         try:
             server = await serve_metrics(self.metrics, settings.metrics.host, settings.metrics.port)
@@ -94,25 +94,55 @@ class Daemon:
             log.event("metrics_unavailable", "error", error=str(err))
             return const.EXIT_CONFIG
         self._closers.append(server.close)
-        self.publisher = Publisher(self.bus, log)
         self.state = DaemonState()
         self.runner = FormationRunner(
-            settings=settings, log=log, bus=self.bus, publisher=self.publisher, iface=self.iface,
+            settings=settings, log=log, publisher=self.publisher, browse=self.browse,
+            avahi=self.bus.state if self.bus else defs.ServerState.RUNNING, iface=self.iface,
             hostname=self.hostname, state=self.state, metrics=self.metrics,
+            status_note="" if self.bus else " (mDNS without D-Bus: static service file)",
         )
         self._closers.append(self.runner.close)
         control = ControlServer(self.state, wipe=self.runner.wipe)
         await control.start()
         self._closers.append(control.close)
-        undo = self.bus.on_presence(self.runner.avahi_changed)
-        self._closers.append(lambda: asyncio.sleep(0, undo()))
+        if self.bus is not None:
+            undo = self.bus.on_presence(self.runner.avahi_changed)
+            self._closers.append(lambda: asyncio.sleep(0, undo()))
         log.event(
             "started", cluster=settings.cluster, env=settings.env, host=self.hostname,
-            interface=self.iface.name,
-            avahi=self.bus.state.name.lower() if self.bus.state else "absent",
+            interface=self.iface.name, dbus=settings.mdns.dbus,
+            avahi=(self.bus.state.name.lower() if self.bus.state else "absent") if self.bus
+            else None,
             ms_elapsed=round((time.monotonic() - self.started) * 1000),
         )
         self.notifier.ready()
+        return None
+
+    async def _open_dbus(self) -> int | None:
+        """Avahi over D-Bus: the publisher and browser of agent/avahi/."""
+        bus = self.bus = AvahiBus(asyncio.get_running_loop())
+        try:
+            await bus.open()
+        except AvahiError as err:
+            self.log.event("dbus_unavailable", "error", error=str(err))
+            return const.EXIT_UNAVAILABLE
+        self._closers.append(bus.close)
+        stype = service_type(self.settings.cluster, self.settings.env)
+        self.publisher: AdvertPublisher = Publisher(bus, self.log)
+        self.browse: BrowserFactory = lambda: Browser(bus, stype, self.log)
+        self.prove_alive: Callable[[], Awaitable[None]] = bus.ping_glib
+        return None
+
+    async def _open_fallback(self) -> int | None:
+        """SUGARKUBE_MDNS_DBUS=0: a static service file for avahi-daemon, live rounds to browse."""
+        from agent.mdns.fallback import LiveBrowser, StaticPublisher
+
+        self.bus = None
+        stype, addr = service_type(self.settings.cluster, self.settings.env), self.iface.ip4
+        self.publisher = StaticPublisher(self.log, interface_addr=addr)
+        self.browse = lambda: LiveBrowser(stype, self.log, interface_addr=addr)
+        self.prove_alive = _loop_alive  # no GLib thread: the asyncio loop is all there is
+        self.log.event("mdns_without_dbus", "notice", services_dir="/etc/avahi/services")
         return None
 
     async def _run(self) -> bool:
@@ -128,7 +158,7 @@ class Daemon:
                     tasks.create_task(self._forward_status(), name="status"),
                     tasks.create_task(self._watch_interface(), name="netlink"),
                     tasks.create_task(
-                        self.notifier.watchdog(self.bus.ping_glib, self._watchdog_health),
+                        self.notifier.watchdog(self.prove_alive, self._watchdog_health),
                         name="watchdog",
                     ),
                 ]
@@ -207,6 +237,12 @@ class Daemon:
         )
 
 
-async def _watch_bus(bus: AvahiBus) -> None:
+async def _loop_alive() -> None:
+    await asyncio.sleep(0)
+
+
+async def _watch_bus(bus: AvahiBus | None) -> None:
+    if bus is None:
+        return
     await bus.closed.wait()
     raise Fatal("the system bus connection closed (dbus-daemon stopped?)")

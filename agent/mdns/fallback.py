@@ -27,16 +27,21 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 
 from agent import const
-from agent.avahi.browser import BrowseEvent, EventKind, Identity
-from agent.avahi.publisher import Advertisement
 from agent.log import EventLog
 from agent.mdns import wire
-from agent.mdns.records import ServiceRecord
+from agent.mdns.records import Advertisement, BrowseEvent, EventKind, Identity, ServiceRecord
 from agent.mdns.wire import LiveRecord, WireError
 
 SERVICE_FILE_NAME = "sugarkube.service"
-_XML_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\t": "&#9;",
-                "\n": "&#10;", "\r": "&#13;"}  # whitespace as references: parsers normalize it
+_XML_ESCAPES = {
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    '"': "&quot;",
+    "\t": "&#9;",
+    "\n": "&#10;",
+    "\r": "&#13;",
+}  # whitespace as references: parsers normalize it
 
 
 class ServiceFileError(ValueError):
@@ -47,7 +52,9 @@ def _xml_allowed(char: str) -> bool:
     """Whether char may appear in an XML 1.0 document at all, even as a reference (§2.2)."""
     code = ord(char)
     return (
-        code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD
+        code in (0x9, 0xA, 0xD)
+        or 0x20 <= code <= 0xD7FF
+        or 0xE000 <= code <= 0xFFFD
         or 0x10000 <= code <= 0x10FFFF
     )
 
@@ -93,9 +100,8 @@ def render_service_file(advert: Advertisement) -> str:
             "  <service>",
             f"    <type>{_xml_text('service type', stype)}</type>",
             f"    <port>{advert.port}</port>",
-            # Avahi's parser prepends each <txt-record> to its string list and publishes the list
-            # as it stands (avahi-daemon/static-services.c): the file holds them in reverse.
-            *(f"    <txt-record>{item}</txt-record>" for item in reversed(txt)),
+            # Avahi publishes <txt-record>s in file order (checked on the wire in the lab).
+            *(f"    <txt-record>{item}</txt-record>" for item in txt),
             "  </service>",
         ]
     lines.append("</service-group>")
@@ -170,6 +176,7 @@ class StaticPublisher:
         self._interface_addr = interface_addr
         self._wanted: Advertisement | None = None
         self._name = ""
+        self._written: str | None = None  # the instance name in the file, for the log
         self._kick = asyncio.Event()
         self._synced = asyncio.Event()
         self.established = asyncio.Event()  # set once a live round heard what the file says
@@ -225,13 +232,15 @@ class StaticPublisher:
     async def _reconcile(self, wanted: Advertisement | None) -> None:
         if wanted is None:
             if await asyncio.to_thread(remove_file, self._path):
-                self._log.event("advert_withdrawn", name=self._name or None, path=str(self._path))
+                self._log.event("advert_withdrawn", name=self._written, path=str(self._path))
+            self._written = None
             self._synced.set()
             return
         text = render_service_file(wanted)
         written_at = time.monotonic()
         if await asyncio.to_thread(write_atomically, self._path, text):
             self._log.event("advert_written", name=wanted.name, path=str(self._path))
+        self._written = wanted.name
         self._synced.set()
         await self._confirm(wanted, written_at)
 
@@ -273,7 +282,6 @@ class StaticPublisher:
 
 # -- browsing -------------------------------------------------------------------------------------
 
-
 @dataclass(frozen=True)
 class RoundState:
     """What the round diff knows: records emitted and how many rounds each was last missing."""
@@ -294,9 +302,16 @@ def to_service_record(record: LiveRecord, own_host: str) -> ServiceRecord | None
     if not (record.host and record.port and record.txt and record.addresses):
         return None
     return ServiceRecord(
-        name=record.name, stype=record.stype, domain="local", host=record.host,
-        address=record.addresses[0], port=record.port, txt=record.txt, interface=-1,
-        protocol=-1, local=_fold(record.host) == _fold(own_host),
+        name=record.name,
+        stype=record.stype,
+        domain="local",
+        host=record.host,
+        address=record.addresses[0],
+        port=record.port,
+        txt=record.txt,
+        interface=-1,
+        protocol=-1,
+        local=_fold(record.host) == _fold(own_host),
     )
 
 
@@ -339,8 +354,11 @@ def diff_round(
         emit("all_for_now", None)
     return (
         RoundState(
-            own_host=state.own_host, started=state.started, rounds=state.rounds + 1,
-            emitted=MappingProxyType(emitted), missed=MappingProxyType(missed),
+            own_host=state.own_host,
+            started=state.started,
+            rounds=state.rounds + 1,
+            emitted=MappingProxyType(emitted),
+            missed=MappingProxyType(missed),
         ),
         events,
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
+from typing import Literal
 
 from agent.const import DNS_LABEL_MAX, TXT_STRING_MAX
 
@@ -316,3 +317,32 @@ def encode_txt(advert: Advert) -> list[bytes]:
             shown = _show(str(getattr(advert, field.name)))
             raise RecordError(f"advert {field.name}={shown} would not read back as written")
     return items
+
+
+# -- what publishers take and browsers give: shared by the D-Bus path (agent/avahi/) and the
+# no-D-Bus fallback (agent/mdns/fallback.py), so that neither imports the other --------------
+
+Identity = tuple[str, str, str]  # name, type, domain: one advert across interfaces/protocols
+EventKind = Literal["added", "updated", "removed", "all_for_now"]
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """One instance name published under several service types, with one port and TXT."""
+
+    name: str
+    stypes: tuple[str, ...]
+    port: int
+    txt: tuple[bytes, ...]
+    interface: int = -1  # AVAHI_IF_UNSPEC: every interface
+    protocol: int = -1  # AVAHI_PROTO_UNSPEC
+
+
+@dataclass(frozen=True)
+class BrowseEvent:
+    """A change in what a browser sees; ms_elapsed counts from the browser's start."""
+
+    kind: EventKind
+    record: ServiceRecord | None
+    ms_elapsed: float
+

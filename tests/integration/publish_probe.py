@@ -13,8 +13,9 @@ import sys
 
 from agent import const
 from agent.avahi.bus import AvahiBus
-from agent.avahi.publisher import Advertisement, Publisher
+from agent.avahi.publisher import Publisher
 from agent.log import EventLog
+from agent.mdns.records import Advertisement
 
 
 async def probe(stypes: tuple[str, ...]) -> None:
