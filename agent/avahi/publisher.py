@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -20,55 +19,22 @@ from agent.avahi import defs
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.log import EventLog
 from agent.mdns.records import Advertisement
+from agent.mdns.wanted import WantedAdvert
 
 _COLLISION_RENAMES_MAX = 16  # alternative names tried in a row before giving up until a kick
 
 
-class Publisher:
+class Publisher(WantedAdvert):
     """Keeps one entry group equal to the wanted Advertisement (or to nothing)."""
 
     def __init__(self, bus: AvahiBus, log: EventLog) -> None:
+        super().__init__()
         self._bus = bus
         self._log = log
-        self._wanted: Advertisement | None = None
         self._group: str | None = None  # entry group object path
         self._published: Advertisement | None = None  # what the group holds, with the real name
-        self._name = ""  # the name in use: the wanted one, or Avahi's alternative after collisions
         self._collided = False
         self._committed_at = 0.0
-        self._kick = asyncio.Event()
-        self._synced = asyncio.Event()
-        self.established = asyncio.Event()  # set while Avahi reports the group ESTABLISHED
-        self.on_established: Callable[[str], None] | None = None  # called with the name
-
-    @property
-    def name(self) -> str:
-        """The instance name in use (an alternative name after a collision)."""
-        return self._name
-
-    def set(self, advert: Advertisement | None) -> None:
-        """Want advert published (None: withdrawn); the run() loop makes it so."""
-        if advert == self._wanted:
-            return
-        if advert is None or self._wanted is None or advert.name != self._wanted.name:
-            self._name = advert.name if advert is not None else ""
-        self._wanted = advert
-        self._synced.clear()
-        self._kick.set()
-
-    async def settled(self, timeout: float) -> bool:
-        """True once Avahi holds what was last set() (committed, not yet established)."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._synced.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    async def withdraw(self, timeout: float = const.SHUTDOWN_GRACE) -> bool:
-        """Withdraw the advert (Avahi sends goodbyes); True once done within timeout."""
-        self.set(None)
-        return await self.settled(timeout)
 
     async def run(self) -> None:
         """Reconcile until cancelled."""

@@ -21,7 +21,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -30,6 +30,7 @@ from agent import const
 from agent.log import EventLog
 from agent.mdns import wire
 from agent.mdns.records import Advertisement, BrowseEvent, EventKind, Identity, ServiceRecord
+from agent.mdns.wanted import WantedAdvert
 from agent.mdns.wire import LiveRecord, WireError
 
 SERVICE_FILE_NAME = "sugarkube.service"
@@ -161,7 +162,7 @@ def heard_name(records: Sequence[LiveRecord], advert: Advertisement) -> str | No
     return None
 
 
-class StaticPublisher:
+class StaticPublisher(WantedAdvert):
     """Keeps the static service file equal to the wanted Advertisement (or absent)."""
 
     def __init__(
@@ -171,46 +172,17 @@ class StaticPublisher:
         *,
         interface_addr: str,
     ) -> None:
+        super().__init__()
         self._log = log
         self._path = services_dir / SERVICE_FILE_NAME
         self._interface_addr = interface_addr
-        self._wanted: Advertisement | None = None
-        self._name = ""
         self._written: str | None = None  # the instance name in the file, for the log
-        self._kick = asyncio.Event()
-        self._synced = asyncio.Event()
-        self.established = asyncio.Event()  # set once a live round heard what the file says
-        self.on_established: Callable[[str], None] | None = None  # called with the name
-
-    @property
-    def name(self) -> str:
-        """The instance name in use (Avahi's alternative after a collision, once heard)."""
-        return self._name
 
     def set(self, advert: Advertisement | None) -> None:
-        """Want advert published (None: withdrawn); the run() loop makes it so."""
-        if advert == self._wanted:
-            return
-        if advert is None or self._wanted is None or advert.name != self._wanted.name:
-            self._name = advert.name if advert is not None else ""
-        self._wanted = advert
-        self._synced.clear()
-        self.established.clear()
-        self._kick.set()
-
-    async def settled(self, timeout: float) -> bool:
-        """True once the file holds what was last set() (written, not yet heard)."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._synced.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    async def withdraw(self, timeout: float = const.SHUTDOWN_GRACE) -> bool:
-        """Remove the file (avahi-daemon sends goodbyes); True once done within timeout."""
-        self.set(None)
-        return await self.settled(timeout)
+        """Want advert published (None: withdrawn); established again once a round hears it."""
+        if advert != self._wanted:
+            self.established.clear()
+        super().set(advert)
 
     async def run(self) -> None:
         """Reconcile until cancelled."""
