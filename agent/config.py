@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from agent import const
+from agent.cluster import k3s
 
 WireProof = Literal["auto", "on", "off"]
 
@@ -469,6 +470,10 @@ def _token(value: object) -> Secret:
         raise _Invalid("is empty; set the k3s join token or remove the setting")
     if any(c.isspace() or not c.isprintable() for c in token):
         raise _Invalid("holds spaces, line breaks or control characters; a k3s token has none")
+    try:
+        k3s.parse_token(token)  # the rules k3s itself applies; its message never shows the token
+    except k3s.TokenError as err:
+        raise _Invalid(f"is not a token k3s accepts: {err}") from None
     return Secret(token)
 
 

@@ -755,3 +755,13 @@ def test_any_yaml_value_loads_or_raises_config_error(
 def test_config_error_is_one_line_whatever_it_is_given() -> None:
     assert str(ConfigError("a\nb\r\u2028c")) == "a\\nb\\r\\u2028c"
     assert ConfigError("x").exit_code == const.EXIT_CONFIG
+
+
+def test_a_token_k3s_would_refuse_is_a_config_error_without_the_token(tmp_path: Path) -> None:
+    bad = "K10" + "ab" * 10 + "::server:s3cret-password"  # the CA hash is too short
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"SUGARKUBE_TOKEN": bad}, root=tmp_path)
+    message = str(err.value)
+    assert "SUGARKUBE_TOKEN" in message and "not a token k3s accepts" in message
+    assert "s3cret" not in message and bad not in message
+    assert err.value.exit_code == 78
