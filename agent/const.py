@@ -182,3 +182,4 @@ FALLBACK_BROWSE_INTERVAL = 1.0  # s from one browse round's start to the next: b
 #   round lasts LIVE_ROUND_WINDOW (1 s); 3 queries/s per node, a handful of nodes on the link
 FALLBACK_BROWSE_MISSES = 2  # consecutive rounds a record must be missing before it is removed:
 #   one lost answer must not flap the peer table
+DEBUG_ARGS_MAX = 500  # characters of a D-Bus signal's arguments in a debug line

@@ -26,6 +26,7 @@ from agent import const
 from agent.avahi import defs
 
 SignalHandler = Callable[[str, tuple[Any, ...]], None]  # (member, args)
+SignalTap = Callable[[str, str, str, tuple[Any, ...]], None]  # (path, interface, member, args)
 PresenceHandler = Callable[[defs.ServerState | None], None]  # None: avahi-daemon is gone
 
 _PENDING_PATHS_MAX = 64  # signals kept for objects not yet registered (see _dispatch)
@@ -63,9 +64,15 @@ def _error_from_glib(err: GLib.Error) -> AvahiError:
 class AvahiBus:
     """The system-bus connection, its GLib thread, and avahi-daemon's presence on the bus."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, address: str | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address: str | None = None,
+        tap: SignalTap | None = None,
+    ) -> None:
         self._loop = loop
         self._address = address
+        self._tap = tap  # sees every signal first (SUGARKUBE_DEBUG_MDNS)
         self._context = GLib.MainContext.new()
         self._glib_loop = GLib.MainLoop.new(self._context, False)
         self._thread: threading.Thread | None = None
@@ -264,6 +271,8 @@ class AvahiBus:
             self._loop.call_soon_threadsafe(self.closed.set)
 
     def _dispatch(self, path: str, interface: str, member: str, args: tuple[Any, ...]) -> None:
+        if self._tap is not None:
+            self._tap(path, interface, member, args)
         if interface == defs.DBUS_IFACE:  # NameOwnerChanged(name, old_owner, new_owner)
             _name, old_owner, new_owner = args
             if old_owner:

@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from agent import __version__, const
 from agent.avahi import defs
@@ -120,7 +121,7 @@ class Daemon:
 
     async def _open_dbus(self) -> int | None:
         """Avahi over D-Bus: the publisher and browser of agent/avahi/."""
-        bus = self.bus = AvahiBus(asyncio.get_running_loop())
+        bus = self.bus = AvahiBus(asyncio.get_running_loop(), tap=self._log_signal)
         try:
             await bus.open()
         except AvahiError as err:
@@ -132,6 +133,14 @@ class Daemon:
         self.browse: BrowserFactory = lambda: Browser(bus, stype, self.log)
         self.prove_alive: Callable[[], Awaitable[None]] = bus.ping_glib
         return None
+
+    def _log_signal(self, path: str, interface: str, member: str, args: tuple[Any, ...]) -> None:
+        """SUGARKUBE_DEBUG_MDNS=1: every Avahi signal, one debug line (the log redacts it)."""
+        if self.log.debug_enabled:
+            self.log.event(
+                "avahi_signal", "debug", interface=interface.rsplit(".", 1)[-1], member=member,
+                path=path, args=_printable(args),
+            )
 
     async def _open_fallback(self) -> int | None:
         """SUGARKUBE_MDNS_DBUS=0: a static service file for avahi-daemon, live rounds to browse."""
@@ -235,6 +244,19 @@ class Daemon:
             "config_reloaded", changed=",".join(changed) or None,
             restart_needed=bool(set(changed) - {"mdns"}) or None,
         )
+
+
+def _printable(args: tuple[Any, ...]) -> str:
+    """Signal arguments as one bounded line: TXT byte lists shown as text."""
+    def text(value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(x, list) for x in value):
+            try:
+                return [bytes(x).decode(errors="replace") for x in value]
+            except (TypeError, ValueError):
+                return value
+        return value
+
+    return repr([text(a) for a in args])[: const.DEBUG_ARGS_MAX]
 
 
 async def _loop_alive() -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -154,3 +156,32 @@ def _heard(node: Node, prefix: str) -> bool:
                     env=node_env(), timeout=20)
     line = json.loads(done.stdout.splitlines()[-1])
     return any(r["name"].startswith(prefix) for r in line["records"])
+
+
+def test_debug_mdns_logs_avahi_signals_redacted_and_the_scrape_passes_promtool(
+    lab_factory, tmp_path: Path
+) -> None:
+    lab = lab_factory(1)
+    node = lab.node(1)
+    pi = PiNode(node, tmp_path, SUGARKUBE_SERVERS="1", SUGARKUBE_DEBUG_MDNS="1").start()
+    wait_formed([pi], 30)
+    agent = pi.agent
+    assert agent is not None
+    found = agent.wait_event("avahi_signal", 5, member="Found")
+    assert "k3s=1" in found["args"]
+    assert node.addr not in agent.text()  # the resolved address is a pseudonym
+    agent.wait_event("k3s_serving", 20)
+    scrape = node.run(PYTHON, "-c", (
+        "import urllib.request, sys; "
+        "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:9469/metrics', timeout=5)"
+        ".read().decode())"
+    ), env=node_env(), timeout=15)
+    assert scrape.returncode == 0, scrape.stderr
+    assert 'sugarkube_node_phase{phase="serving"} 1.0' in scrape.stdout
+    assert "sugarkube_gate_released 1.0" in scrape.stdout
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    check = subprocess.run([promtool, "check", "metrics"], input=scrape.stdout,
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
