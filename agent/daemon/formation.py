@@ -297,6 +297,7 @@ class FormationRunner:
         self._wake.set()
 
     async def _release(self, release: Release) -> None:
+        self._operator_config_notice()
         if release.mode != "member":
             leader = release.leader
             address = self._proven.get(leader.name, leader.address) if leader else None
@@ -326,6 +327,20 @@ class FormationRunner:
         )
         if release.mode != "join-agent" and self.machine.member != Role.AGENT:
             self._spawn(self._watch_local_api())
+
+    def _operator_config_notice(self) -> None:
+        """Say so when the operator's own k3s files already decide what our drop-in writes."""
+        try:
+            theirs = k3s.merged_config(self._root, include_ours=False)
+        except k3s.K3sConfigError as err:
+            self._log.event("operator_k3s_config_unreadable", "warning", error=str(err))
+            return
+        decided = sorted({"server", "cluster-init", "token"} & set(theirs))
+        if decided:
+            self._log.event(
+                "operator_k3s_config", "notice", keys=",".join(decided),
+                note="k3s merges config.yaml, then config.yaml.d/ in name order: later files win",
+            )
 
     async def _watch_local_api(self) -> None:
         delay = const.LOCAL_API_POLL

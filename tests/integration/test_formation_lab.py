@@ -182,3 +182,21 @@ def test_wipe_fails_while_another_publisher_answers_for_us(lab_factory, tmp_path
     done = node1.run(PYTHON, "-m", "agent", "wipe", "--yes", env=node_env(), timeout=60)
     assert done.returncode == 1
     assert "still answered on the wire: k3s-sugar-dev@node1.local (server)" in done.stderr
+
+
+def test_operator_k3s_config_is_read_never_written(lab_factory, tmp_path: Path) -> None:
+    lab = lab_factory(1)
+    node = lab.node(1)
+    config = node.path("/etc/rancher/k3s/config.yaml")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("token: operator-token-1234\nnode-label:\n  - zone=a\n")
+    before = config.read_bytes()
+    pi = PiNode(node, tmp_path, SUGARKUBE_SERVERS="1").start()
+    wait_formed([pi], 30)
+    assert pi.agent is not None
+    notice = pi.agent.wait_event("operator_k3s_config", 5)
+    assert notice["keys"] == "token"
+    assert config.read_bytes() == before
+    dropin = node.path("/etc/rancher/k3s/config.yaml.d/50-sugarkube.yaml")
+    assert oct(dropin.stat().st_mode & 0o777) == "0o600"
+    assert "operator-token" not in pi.agent.text()
