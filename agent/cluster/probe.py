@@ -22,27 +22,22 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import itertools
-import os
 import re
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from agent import const
+from agent.cluster.capture import Capture, describe, one_line
+from agent.cluster.httpresponse import HttpResponse, ResponseError, parse_response
 from agent.cluster.k3s import CABundleError, ca_hash
 
 _T = TypeVar("_T")
 _USER_AGENT = "sugarkube-agent"
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: a header field name
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?")  # RFC 9112 §7.1
-_CHUNK_LINE_MAX = 1024  # bytes; a chunk-size line with extensions, far more than any server sends
 _DEV_NAME = re.compile(rf"[!-~]{{1,{const.IFNAME_MAX}}}")  # printable ASCII, no space
 
 
@@ -68,28 +63,6 @@ class ProofResult:
     ca_sha256: str | None  # hashCA of the /cacerts served, once one was fetched
     ms_elapsed: float
     evidence: str | None  # the handshake capture's summary, when capture was asked for
-
-
-@dataclass(frozen=True)
-class HttpResponse:
-    """A complete HTTP/1.x response: its status code and decoded body."""
-
-    status: int
-    body: bytes
-
-
-class ResponseError(ValueError):
-    """An HTTP response we cannot use: malformed, truncated, or larger than its cap."""
-
-
-@dataclass(frozen=True)
-class HandshakePacket:
-    """A captured TCP segment of the probe's connection: kernel timestamp (s), ports, flags."""
-
-    time: float
-    sport: int
-    dport: int
-    flags: str  # scapy's letters: S, A, R, F, P, ...
 
 
 # --- address choice (pure) ----------------------------------------------------------------------
@@ -156,161 +129,6 @@ def _valid_scope(scope: str) -> bool:
     )
 
 
-# --- HTTP/1.x response parsing (pure) -----------------------------------------------------------
-
-
-def parse_response(
-    data: bytes,
-    *,
-    eof: bool,
-    body_max: int = const.PROBE_BODY_MAX,
-    header_max: int = const.PROBE_HEADER_MAX,
-) -> HttpResponse | None:
-    """The response in `data`, None while more bytes are needed; ResponseError if it is unusable.
-
-    `eof` says the peer has closed: the answer is then a response or an error, never None. No
-    input makes this read more than header_max + 2 * body_max bytes, or raise anything else.
-    """
-    if len(data) > header_max + 2 * body_max:
-        raise ResponseError(f"response larger than {header_max + 2 * body_max} bytes")
-    end = data.find(b"\r\n\r\n", 0, header_max)
-    if end < 0:
-        if len(data) >= header_max:
-            raise ResponseError(f"response headers longer than {header_max} bytes")
-        _closed_inside(eof, "the response headers")
-        return None
-    status, headers = _head(data[:end])
-    rest = data[end + 4 :]
-    if status in (204, 304):
-        return HttpResponse(status, b"")
-    if b"transfer-encoding" in headers:
-        codings = [c.strip().lower() for v in headers[b"transfer-encoding"] for c in v.split(b",")]
-        if codings != [b"chunked"]:
-            raise ResponseError("unsupported transfer-encoding")
-        body = _dechunk(rest, eof, body_max, header_max)
-        return None if body is None else HttpResponse(status, body)
-    if b"content-length" in headers:
-        length = _content_length(headers[b"content-length"])
-        if length > body_max:
-            raise ResponseError(f"body of {length} bytes exceeds the {body_max}-byte cap")
-        if len(rest) >= length:
-            return HttpResponse(status, rest[:length])
-        _closed_inside(eof, "the body")
-        return None
-    # Neither length nor chunking: the body runs to the close (RFC 9112 §6.3, rule 8).
-    if len(rest) > body_max:
-        raise ResponseError(f"body exceeds the {body_max}-byte cap")
-    return HttpResponse(status, rest) if eof else None
-
-
-def _head(block: bytes) -> tuple[int, dict[bytes, list[bytes]]]:
-    """The status code and the header fields (lowercase names) of a response's head."""
-    lines = block.split(b"\r\n")
-    status_line = _STATUS_LINE.fullmatch(lines[0])
-    if status_line is None:
-        raise ResponseError("not an HTTP/1.x status line")
-    status = int(status_line[1])
-    if status < 200:
-        raise ResponseError(f"unexpected interim status {status}")
-    headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            raise ResponseError("malformed header line")
-        headers.setdefault(name.lower(), []).append(value.strip(b" \t"))
-    return status, headers
-
-
-def _content_length(fields: list[bytes]) -> int:
-    """The one length that Content-Length fields agree on (RFC 9110 §8.6)."""
-    values = {v.strip() for field in fields for v in field.split(b",")}
-    if len(values) != 1:
-        raise ResponseError("conflicting content-length")
-    value = values.pop()
-    if re.fullmatch(rb"[0-9]{1,12}", value) is None:
-        raise ResponseError("invalid content-length")
-    return int(value)
-
-
-def _dechunk(data: bytes, eof: bool, body_max: int, trailer_max: int) -> bytes | None:
-    """The body of a chunked message (RFC 9112 §7.1), None while incomplete."""
-    body = bytearray()
-    pos = 0
-    while True:
-        eol = data.find(b"\r\n", pos, pos + _CHUNK_LINE_MAX)
-        if eol < 0:
-            if len(data) - pos >= _CHUNK_LINE_MAX:
-                raise ResponseError("chunk-size line too long")
-            _closed_inside(eof, "a chunk-size line")
-            return None
-        size_line = _CHUNK_SIZE.fullmatch(data, pos, eol)
-        if size_line is None:
-            raise ResponseError("malformed chunk-size line")
-        size = int(size_line[1], 16)
-        start = eol + 2
-        if size == 0:  # last chunk, then optional trailer fields and an empty line
-            if data.startswith(b"\r\n", start):
-                return bytes(body)
-            if data.find(b"\r\n\r\n", start, start + trailer_max) >= 0:
-                return bytes(body)
-            if len(data) - start >= trailer_max:
-                raise ResponseError("chunked trailer too long")
-            _closed_inside(eof, "the chunked trailer")
-            return None
-        if len(body) + size > body_max:
-            raise ResponseError(f"body exceeds the {body_max}-byte cap")
-        if len(data) < start + size + 2:
-            _closed_inside(eof, "a chunk")
-            return None
-        if data[start + size : start + size + 2] != b"\r\n":
-            raise ResponseError("chunk not followed by CRLF")
-        body += data[start : start + size]
-        pos = start + size + 2
-
-
-def _closed_inside(eof: bool, what: str) -> None:
-    """ResponseError when the peer closed (`eof`) before `what` ended."""
-    if eof:
-        raise ResponseError(f"connection closed inside {what}")
-
-
-# --- capture summary (pure) ---------------------------------------------------------------------
-
-
-def summarize_handshake(
-    packets: Sequence[HandshakePacket], port: int, local_port: int | None
-) -> str:
-    """One line on the SYN and its answer for a connect to `port` (from `local_port` if known)."""
-
-    def ours(sport: int, dport: int) -> bool:
-        return dport == port and (local_port is None or sport == local_port)
-
-    syns = [p for p in packets if ours(p.sport, p.dport) and "S" in p.flags and "A" not in p.flags]
-    if not syns:
-        return f"tcp/{port}: no SYN seen"
-    first = syns[0]
-    # A retransmitted SYN is sent >= 1 s later (RFC 6298 §2); a loopback capture sees one copy
-    # per direction of the same segment within microseconds, which is not a retransmission.
-    sent = 1 + sum(1 for a, b in itertools.pairwise(syns) if b.time - a.time >= 0.5)
-    answers = (
-        p
-        for p in packets
-        if ours(p.dport, p.sport) and p.time >= first.time and _is_answer(p.flags)
-    )
-    answer = next(answers, None)
-    said = f"tcp/{port}: SYN sent" + (f" {sent} times" if sent > 1 else "")
-    if answer is None:
-        return f"{said}; no answer seen"
-    what = "RST" if "R" in answer.flags else "SYN-ACK"
-    ms = (answer.time - first.time) * 1000
-    return f"{said}; {what} after {ms:.3f} ms (flags {answer.flags})"
-
-
-def _is_answer(flags: str) -> bool:
-    """Whether a segment with these scapy flag letters answers a SYN: SYN-ACK or RST."""
-    return "R" in flags or {"S", "A"} <= set(flags)
-
-
 # --- the proof ----------------------------------------------------------------------------------
 
 
@@ -363,13 +181,13 @@ async def wire_proof(
     except _Refused as refused:
         reason, detail = refused.reason, refused.detail
     except Exception as exc:  # a bug must refuse the join, never crash the daemon
-        reason, detail = RefusalReason.VERIFY_FAILED, f"internal error: {_describe(exc)}"
+        reason, detail = RefusalReason.VERIFY_FAILED, f"internal error: {describe(exc)}"
     return ProofResult(
         ok=reason is None,
         address=address,
         port=port,
         reason=reason,
-        detail=_one_line(detail),
+        detail=one_line(detail),
         ca_sha256=run.ca_sha256,
         ms_elapsed=(time.monotonic() - started) * 1000,
         evidence=run.evidence,
@@ -396,10 +214,10 @@ async def _prove(
     host, ip = target
     sni = str(ip)  # CPython sends no SNI for an IP literal; never the `%scope` form
     authority = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-    sniffer: _Capture | None = None
+    sniffer: Capture | None = None
     if capture:
         on = interface or host.partition("%")[2] or None
-        sniffer, run.evidence = await _Capture.open(ip, port, on, timeout)
+        sniffer, run.evidence = await Capture.open(ip, port, on, timeout)
     deadline = asyncio.get_running_loop().time() + timeout
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -450,7 +268,7 @@ async def _prove(
             pinned = _pinned_context(served.body)
         except (ssl.SSLError, ValueError) as exc:
             raise _Refused(
-                RefusalReason.BAD_CACERTS, f"/cacerts cannot be loaded as a CA: {_describe(exc)}"
+                RefusalReason.BAD_CACERTS, f"/cacerts cannot be loaded as a CA: {describe(exc)}"
             ) from exc
 
         reader, writer = await _step(
@@ -507,7 +325,7 @@ async def _step(
     except ResponseError as exc:
         raise _Refused(bad or reason, f"{what}: {exc}") from exc
     except Exception as exc:
-        raise _Refused(reason, f"{what}: {_describe(exc)}") from exc
+        raise _Refused(reason, f"{what}: {describe(exc)}") from exc
 
 
 async def _get(
@@ -562,170 +380,3 @@ def _pinned_context(cacerts: bytes) -> ssl.SSLContext:
     # cadata must be ASCII; PEM is, and OpenSSL skips the text around the PEM blocks anyway.
     context.load_verify_locations(cadata=cacerts.decode("ascii", errors="ignore"))
     return context
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason for `exc`, without the addresses asyncio puts in its messages."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or exc)
-    if isinstance(exc, socket.gaierror):
-        return str(exc.strerror)
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
-def _one_line(text: str) -> str:
-    """`text` on one printable line of at most PROBE_DETAIL_MAX characters."""
-    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    cap = const.PROBE_DETAIL_MAX
-    return line if len(line) <= cap else line[: cap - 3] + "..."
-
-
-# --- optional packet capture (scapy, imported lazily) -------------------------------------------
-
-
-def capture_permitted() -> bool:
-    """Whether this process may open a packet socket (root or CAP_NET_RAW): a cheap check."""
-    family = getattr(socket, "AF_PACKET", None)
-    if family is None:
-        return False
-    try:
-        with socket.socket(family, socket.SOCK_RAW, 0):
-            return True
-    except OSError:
-        return False
-
-
-class _Capture:
-    """An AsyncSniffer thread recording the TCP segments between us and one server port."""
-
-    def __init__(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
-        self._ip = ip
-        self._port = port
-        self._loop = asyncio.get_running_loop()
-        self._answered = asyncio.Event()
-        self._packets: list[HandshakePacket] = []
-        self._sniffer: Any = None
-        self._socket: Any = None
-        self._layers: tuple[Any, Any, Any] | None = None  # scapy's IP, IPv6, TCP
-        self._stop_lock = threading.Lock()
-
-    @classmethod
-    async def open(
-        cls,
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-        port: int,
-        interface: str | None,
-        timeout: float,
-    ) -> tuple[_Capture | None, str | None]:
-        """(a running capture, None), or (None, `capture unavailable: <why>`); never raises."""
-        if not capture_permitted():
-            return None, "capture unavailable: not permitted (needs root or CAP_NET_RAW)"
-        capture = cls(ip, port)
-        lifetime = timeout + const.CAPTURE_OPEN_TIMEOUT + const.CAPTURE_SETTLE
-        opening = asyncio.ensure_future(asyncio.to_thread(capture._start, interface, lifetime))
-        try:
-            async with asyncio.timeout(const.CAPTURE_OPEN_TIMEOUT):
-                await asyncio.shield(opening)
-        except BaseException as exc:
-            # The thread may still open the socket later: stop it whenever it is done.
-            opening.add_done_callback(capture._discard)
-            if not isinstance(exc, Exception):
-                raise  # cancellation above all
-            why = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
-            if isinstance(exc, ImportError):
-                why = "scapy is not installed"
-            elif isinstance(exc, PermissionError):
-                why = "not permitted (needs root or CAP_NET_RAW)"
-            return None, _one_line(f"capture unavailable: {why}")
-        return capture, None
-
-    def _discard(self, opening: asyncio.Future[None]) -> None:
-        """Once an abandoned opening is done: retrieve its outcome, stop what it started."""
-        if not opening.cancelled():
-            opening.exception()
-        self.abandon()
-
-    def _start(self, interface: str | None, lifetime: float) -> None:
-        """In a thread: import scapy, open the filtered packet socket, start sniffing."""
-        from scapy.config import conf
-        from scapy.layers.inet import IP, TCP
-        from scapy.layers.inet6 import IPv6
-        from scapy.sendrecv import AsyncSniffer
-
-        self._layers = (IP, IPv6, TCP)
-
-        ip = str(self._ip)
-        if interface is None:
-            routes = conf.route if self._ip.version == 4 else conf.route6
-            interface = routes.route(ip)[0]
-        # Opened here, not in the sniffer thread, so a failure raises to us instead of dying there.
-        self._socket = conf.L2listen(iface=interface, filter=f"tcp port {self._port} and host {ip}")
-        started = threading.Event()
-        self._sniffer = AsyncSniffer(
-            opened_socket=self._socket,
-            prn=self._seen,
-            store=False,
-            started_callback=started.set,
-            timeout=lifetime,  # the sniffer ends by itself even if nobody stops it
-        )
-        self._sniffer.start()
-        if not started.wait(const.CAPTURE_OPEN_TIMEOUT):
-            raise RuntimeError("the sniffer thread did not start")
-
-    def _seen(self, packet: Any) -> None:
-        """In the sniffer thread: keep our connection's TCP segments; wake finish() on an answer."""
-        try:
-            if self._layers is None:
-                return
-            IP, IPv6, TCP = self._layers
-            layer = packet.getlayer(IP) or packet.getlayer(IPv6)
-            tcp = packet.getlayer(TCP)
-            if layer is None or tcp is None:
-                return
-            if self._ip not in {ipaddress.ip_address(layer.src), ipaddress.ip_address(layer.dst)}:
-                return  # the BPF filter is skipped (with a scapy log line) without libpcap
-            seen = HandshakePacket(
-                float(packet.time), int(tcp.sport), int(tcp.dport), str(tcp.flags)
-            )
-            self._packets.append(seen)
-            if seen.sport == self._port and _is_answer(seen.flags):
-                self._loop.call_soon_threadsafe(self._answered.set)
-        except Exception:  # noqa: S110 -- a bad segment, or a closed loop: never kill the sniffer
-            pass
-
-    async def finish(self, local_port: int | None) -> str:
-        """Wait briefly for the answer to be dissected, stop the sniffer, and summarize."""
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(const.CAPTURE_SETTLE):
-                    await self._answered.wait()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(const.CAPTURE_STOP_TIMEOUT):
-                    await asyncio.shield(asyncio.to_thread(self._stop))
-        except BaseException:
-            self.abandon()
-            raise
-        return summarize_handshake(list(self._packets), self._port, local_port)
-
-    def abandon(self) -> None:
-        """Stop the sniffer from a thread of its own, without waiting."""
-        threading.Thread(target=self._stop, name="capture-stop", daemon=True).start()
-
-    def _stop(self) -> None:
-        """Stop and join the sniffer thread, then close the socket; idempotent, never raises."""
-        with self._stop_lock:
-            sniffer, sock = self._sniffer, self._socket
-            self._sniffer = self._socket = None
-            if sniffer is not None:
-                with contextlib.suppress(Exception):  # "Not running": it already timed out
-                    sniffer.stop(join=False)
-                sniffer.join(const.CAPTURE_STOP_TIMEOUT)
-            if sock is not None:
-                with contextlib.suppress(Exception):
-                    sock.close()

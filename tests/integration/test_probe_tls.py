@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.cluster import probe
+from agent.cluster import capture
 from agent.cluster.probe import ProofResult, RefusalReason, wire_proof
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
@@ -368,7 +368,7 @@ def no_sniffer_left() -> bool:
 
 
 def test_capture_on_loopback_records_the_syn_and_syn_ack(pki: Pki) -> None:
-    if not probe.capture_permitted():
+    if not capture.capture_permitted():
         pytest.skip("packet capture needs root or CAP_NET_RAW")
     pytest.importorskip("scapy")
 
@@ -393,7 +393,7 @@ def test_capture_on_loopback_records_the_syn_and_syn_ack(pki: Pki) -> None:
 
 
 def test_capture_of_a_refused_connect_records_the_rst() -> None:
-    if not probe.capture_permitted():
+    if not capture.capture_permitted():
         pytest.skip("packet capture needs root or CAP_NET_RAW")
     pytest.importorskip("scapy")
     with socket.socket() as sock:
@@ -426,7 +426,7 @@ def full_accept_queue() -> Iterator[int]:
 
 
 def test_capture_of_a_connect_nobody_answers_shows_the_retransmitted_syns() -> None:
-    if not probe.capture_permitted():
+    if not capture.capture_permitted():
         pytest.skip("packet capture needs root or CAP_NET_RAW")
     pytest.importorskip("scapy")
     with full_accept_queue() as port:
@@ -440,7 +440,7 @@ def test_capture_of_a_connect_nobody_answers_shows_the_retransmitted_syns() -> N
 
 
 def test_cancelling_during_a_captured_connect_stops_the_sniffer() -> None:
-    if not probe.capture_permitted():
+    if not capture.capture_permitted():
         pytest.skip("packet capture needs root or CAP_NET_RAW")
     pytest.importorskip("scapy")
 
@@ -461,7 +461,7 @@ def test_cancelling_during_a_captured_connect_stops_the_sniffer() -> None:
 def test_capture_without_scapy_is_reported_and_the_proof_goes_on(
     pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not probe.capture_permitted():
+    if not capture.capture_permitted():
         pytest.skip("this path is reached only when capture is permitted")
     for name in [n for n in sys.modules if n == "scapy" or n.startswith("scapy.")] + ["scapy"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import scapy...` now fails
@@ -481,7 +481,7 @@ def test_capture_without_scapy_is_reported_and_the_proof_goes_on(
 def test_capture_not_permitted_is_reported_and_the_proof_goes_on(
     pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(probe, "capture_permitted", lambda: False)
+    monkeypatch.setattr(capture, "capture_permitted", lambda: False)
 
     async def scenario() -> ProofResult:
         async with serving(replies(http_ok(pki.a_pem)), tls=_server_context(pki.a_server)) as srv:
@@ -496,7 +496,7 @@ def test_capture_not_permitted_is_reported_and_the_proof_goes_on(
 
 
 def test_capture_on_a_missing_interface_is_reported_and_the_proof_goes_on(pki: Pki) -> None:
-    if not probe.capture_permitted():
+    if not capture.capture_permitted():
         pytest.skip("this path is reached only when capture is permitted")
     pytest.importorskip("scapy")
 

@@ -9,16 +9,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.cluster.probe import (
-    HandshakePacket,
-    HttpResponse,
-    RefusalReason,
-    ResponseError,
-    choose_address,
-    parse_response,
-    summarize_handshake,
-    wire_proof,
-)
+from agent.cluster.capture import HandshakePacket, summarize_handshake
+from agent.cluster.httpresponse import HttpResponse, ResponseError, parse_response
+from agent.cluster.probe import RefusalReason, choose_address, wire_proof
 
 # --- choose_address -----------------------------------------------------------------------------
 
