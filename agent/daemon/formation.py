@@ -297,6 +297,24 @@ class FormationRunner:
         self._wake.set()
 
     async def _release(self, release: Release) -> None:
+        # File work (with fsyncs: slow on an SD card) off the event loop.
+        await asyncio.to_thread(self._write_release, release)
+        elapsed = (time.monotonic() - self._started) * 1000
+        self._log.event(
+            "gate_released", mode=release.mode,
+            leader=release.leader.host if release.leader else None, ms_elapsed=round(elapsed),
+        )
+        self._state.snapshot.timings_ms["gate_released"] = elapsed
+        self.released.set()
+        await self._state.update(
+            released=True, release_mode=release.mode,
+            leader=release.leader.host if release.leader else self._host,
+        )
+        if release.mode != "join-agent" and self.machine.member != Role.AGENT:
+            self._spawn(self._watch_local_api())
+
+    def _write_release(self, release: Release) -> None:
+        """The k3s drop-in (atomic, 0600) and the once-per-boot release marker."""
         self._operator_config_notice()
         if release.mode != "member":
             leader = release.leader
@@ -314,19 +332,6 @@ class FormationRunner:
         with contextlib.suppress(OSError):
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(release.mode + "\n")
-        elapsed = (time.monotonic() - self._started) * 1000
-        self._log.event(
-            "gate_released", mode=release.mode,
-            leader=release.leader.host if release.leader else None, ms_elapsed=round(elapsed),
-        )
-        self._state.snapshot.timings_ms["gate_released"] = elapsed
-        self.released.set()
-        await self._state.update(
-            released=True, release_mode=release.mode,
-            leader=release.leader.host if release.leader else self._host,
-        )
-        if release.mode != "join-agent" and self.machine.member != Role.AGENT:
-            self._spawn(self._watch_local_api())
 
     def _operator_config_notice(self) -> None:
         """Say so when the operator's own k3s files already decide what our drop-in writes."""
