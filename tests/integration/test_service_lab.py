@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -25,24 +26,39 @@ NODE1 = "k3s-sugar-dev@node1.local ("
 
 
 class NotifySocket:
-    """A datagram socket standing in for systemd's, reachable from inside the node."""
+    """A datagram socket standing in for systemd's, reachable from inside the node.
+
+    A thread reads it from the start, as systemd does: the kernel queues only
+    net.unix.max_dgram_qlen (10) datagrams, and the agent drops a message it cannot send
+    rather than block, so a reader that waits lets STATUS lines fall on the floor."""
 
     def __init__(self, host_path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(host_path))
         self.sock.settimeout(0.2)
         self.messages: list[tuple[float, str]] = []
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def drain(self) -> list[str]:
-        while True:
+    def _read(self) -> None:
+        while not self._closed.is_set():
             try:
                 data = self.sock.recv(4096)
             except TimeoutError:
-                return [m for _, m in self.messages]
+                continue
+            except OSError:
+                return
             for line in data.decode().splitlines():
                 self.messages.append((time.monotonic(), line))
 
+    def drain(self) -> list[str]:
+        time.sleep(0.3)  # whatever is in flight has been read
+        return [m for _, m in list(self.messages)]
+
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join(2)
         self.sock.close()
 
 
