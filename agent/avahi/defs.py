@@ -77,6 +77,9 @@ class LookupResultFlags(IntFlag):
 # Method signatures: (in-signature, out-signature), as in the interface XML.
 SIG_SERVICE_BROWSER_PREPARE = ("(iissu)", "(o)")  # interface, protocol, type, domain, flags
 SIG_SERVICE_RESOLVER_PREPARE = ("(iisssiu)", "(o)")  # ..., name, type, domain, aprotocol, flags
-# interface, protocol, flags, name, type, domain, host, port, txt
-SIG_ADD_SERVICE = ("(iiussssqaay)", "()")
-SIG_UPDATE_SERVICE_TXT = ("(iiusssaay)", "()")  # iface, proto, flags, name, type, domain, txt
+# interface, protocol, flags, name, class, type, ttl, rdata
+SIG_ADD_RECORD = ("(iiusqquay)", "()")
+
+# AvahiPublishFlags (avahi-common/defs.h), the two AddRecord needs.
+PUBLISH_UNIQUE = 1  # probe the record and defend it: SRV and TXT
+PUBLISH_UPDATE = 64  # replace the group's record of that name and type in place

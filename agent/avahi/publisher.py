@@ -1,10 +1,14 @@
-"""Publishing this node's advert: one Avahi entry group, kept equal to what is wanted.
+"""Publishing this node's advert: two Avahi entry groups, kept equal to what is wanted.
 
 The publisher is a reconcile loop. Callers say what they want published (`set()`); every event
-(a new wish, avahi-daemon leaving or coming back, its server state, our group's state) only
+(a new wish, avahi-daemon leaving or coming back, its server state, our groups' states) only
 wakes the loop, which then makes the daemon's state match the wish. One mechanism thus covers the
 first publish, in-place TXT updates, renames on role changes, name collisions, daemon restarts
 and the withdrawal at shutdown.
+
+The advert is published in two steps (agent/avahi/rdata.py says why): the claim group holds the
+unique SRV and TXT and is probed; once Avahi says it is established, the pointers group adds the
+shared PTRs that browsers follow. A peer thus sees the advert whole or not at all.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from agent import const
-from agent.avahi import defs
+from agent.avahi import defs, rdata
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.log import EventLog
 from agent.mdns.records import Advertisement
@@ -24,15 +28,23 @@ from agent.mdns.wanted import WantedAdvert
 _COLLISION_RENAMES_MAX = 16  # alternative names tried in a row before giving up until a kick
 
 
+def _pointed_at(advert: Advertisement) -> Advertisement:
+    """What the pointers depend on: everything but the TXT."""
+    return replace(advert, txt=())
+
+
 class Publisher(WantedAdvert):
-    """Keeps one entry group equal to the wanted Advertisement (or to nothing)."""
+    """Keeps the claim and pointers groups equal to the wanted Advertisement (or to nothing)."""
 
     def __init__(self, bus: AvahiBus, log: EventLog) -> None:
         super().__init__()
         self._bus = bus
         self._log = log
-        self._group: str | None = None  # entry group object path
-        self._published: Advertisement | None = None  # what the group holds, with the real name
+        self._claim: str | None = None  # entry group path: SRV + TXT, probed
+        self._pointers: str | None = None  # entry group path: the PTRs, added once claimed
+        self._published: Advertisement | None = None  # what the claim holds, with the real name
+        self._pointed: Advertisement | None = None  # what the pointers point at (TXT left out)
+        self._claimed = False  # the claim group is established
         self._collided = False
         self._committed_at = 0.0
 
@@ -50,7 +62,7 @@ class Publisher(WantedAdvert):
                         "advert_error", "warning", error=str(err), dbus_error=err.name
                     )
                     if not err.daemon_gone:
-                        self._group_lost()
+                        self._groups_lost()
                     self._retry_later()
         finally:
             undo()
@@ -59,19 +71,16 @@ class Publisher(WantedAdvert):
 
     def _on_presence(self, state: defs.ServerState | None) -> None:
         if state is None:
-            self._group_lost()  # the daemon took our group with it
+            self._groups_lost()  # the daemon took our groups with it
         self._kick.set()
 
-    def _on_group_signal(self, member: str, args: tuple[Any, ...]) -> None:
+    def _on_claim_signal(self, member: str, args: tuple[Any, ...]) -> None:
         if member != "StateChanged":
             return
         state, error = defs.EntryGroupState(args[0]), args[1]
-        if state == defs.EntryGroupState.ESTABLISHED:
-            self.established.set()
-            elapsed = (time.monotonic() - self._committed_at) * 1000
-            self._log.event("advert_published", name=self._name, ms_elapsed=round(elapsed))
-            if self.on_established is not None:
-                self.on_established(self._name)
+        self._claimed = state == defs.EntryGroupState.ESTABLISHED
+        if self._claimed:
+            self._kick.set()  # now the pointers
             return
         self.established.clear()
         if state == defs.EntryGroupState.COLLISION:
@@ -83,45 +92,71 @@ class Publisher(WantedAdvert):
             self._published = None
             self._retry_later()
 
+    def _on_pointers_signal(self, member: str, args: tuple[Any, ...]) -> None:
+        if member != "StateChanged":
+            return
+        state, error = defs.EntryGroupState(args[0]), args[1]
+        if state == defs.EntryGroupState.ESTABLISHED:
+            self.established.set()
+            elapsed = (time.monotonic() - self._committed_at) * 1000
+            self._log.event("advert_published", name=self._name, ms_elapsed=round(elapsed))
+            if self.on_established is not None:
+                self.on_established(self._name)
+            return
+        self.established.clear()
+        if state == defs.EntryGroupState.FAILURE:
+            self._log.event("advert_failed", "warning", name=self._name, error=error)
+            self._pointed = None
+            self._retry_later()
+
     def _retry_later(self) -> None:
         asyncio.get_running_loop().call_later(const.AVAHI_RECONNECT_DELAY, self._kick.set)
 
-    def _group_lost(self) -> None:
-        if self._group is not None:
-            self._bus.unregister(self._group)
-        self._group = None
-        self._published = None
+    def _groups_lost(self) -> None:
+        for path in (self._claim, self._pointers):
+            if path is not None:
+                self._bus.unregister(path)
+        self._claim = self._pointers = None
+        self._published = self._pointed = None
+        self._claimed = False
         self.established.clear()
 
     # -- reconcile --------------------------------------------------------------------------
 
     async def _reconcile(self) -> None:
         wanted = self._wanted
+        if wanted is not None and self._bus.state == defs.ServerState.RUNNING:
+            await self._publish(wanted)
+            return
         if self._bus.state != defs.ServerState.RUNNING:
-            # While the server registers its host name (or has none), Avahi wants groups reset
-            # and registered again once it runs (avahi-client/client.h, AVAHI_CLIENT_S_*).
-            if self._group is not None and self._bus.state is not None:
-                await self._call("Reset")
-            self._published = None
-            self.established.clear()
-            if wanted is None:
-                self._synced.set()
-            return
+            await self._hold()
+        else:
+            await self._free()
         if wanted is None:
-            if self._group is not None:
-                group = self._group
-                await self._call("Free")  # Avahi sends goodbye packets (TTL 0) as it frees
-                self._bus.unregister(group)
-                self._group_lost()
-                self._log.event("advert_withdrawn", name=self._name or None)
             self._synced.set()
+
+    async def _hold(self) -> None:
+        """While the server registers its host name (or has none), Avahi wants groups reset and
+        registered again once it runs (avahi-client/client.h, AVAHI_CLIENT_S_*)."""
+        if self._bus.state is not None:
+            for path in (self._pointers, self._claim):
+                if path is not None:
+                    await self._call(path, "Reset")
+        self._published = self._pointed = None
+        self._claimed = False
+        self.established.clear()
+
+    async def _free(self) -> None:
+        """Withdraw: pointers first, so peers drop the PTRs before what they lead to."""
+        if self._claim is None and self._pointers is None:
             return
-        if self._group is None:
-            (path,) = await self._bus.call(
-                defs.SERVER_PATH, defs.IFACE_SERVER, "EntryGroupNew", ("()", "(o)")
-            )
-            self._group = path
-            self._bus.register(path, self._on_group_signal)
+        for path in (self._pointers, self._claim):
+            if path is not None:
+                await self._call(path, "Free")  # Avahi sends goodbyes (TTL 0) as it frees
+        self._groups_lost()
+        self._log.event("advert_withdrawn", name=self._name or None)
+
+    async def _publish(self, wanted: Advertisement) -> None:
         if self._collided:
             self._collided = False
             await self._rename()
@@ -129,30 +164,31 @@ class Publisher(WantedAdvert):
         published = self._published
         if published is not None and replace(published, txt=target.txt) == target:
             if published.txt != target.txt:
-                for stype in target.stypes:
-                    await self._call(
-                        "UpdateServiceTxt", defs.SIG_UPDATE_SERVICE_TXT,
-                        (target.interface, target.protocol, 0, target.name, stype, "",
-                         list(target.txt)),
-                    )
-                self._published = target
-                self._log.event("advert_updated", name=target.name)
+                await self._update_txt(target)
         else:
-            await self._add_and_commit(target)
+            await self._claim_name(target)
+            target = replace(target, name=self._name)
+        if self._claimed and self._pointed != _pointed_at(target):
+            await self._point(target)
         self._synced.set()
 
-    async def _add_and_commit(self, target: Advertisement) -> None:
+    async def _claim_name(self, target: Advertisement) -> None:
+        """Withdraw the pointers, then put the SRV and TXT in the claim group and commit it."""
+        if self._pointers is not None and self._pointed is not None:
+            await self._call(self._pointers, "Reset")
+            self._pointed = None
+        self.established.clear()
+        if self._claim is None:
+            self._claim = await self._new_group(self._on_claim_signal)
         for _ in range(_COLLISION_RENAMES_MAX):
-            await self._call("Reset")
+            await self._call(self._claim, "Reset")
             self._published = None
-            self.established.clear()
+            self._claimed = False
+            (host,) = await self._server("GetHostNameFqdn")
+            (domain,) = await self._server("GetDomainName")
             try:
-                for stype in target.stypes:
-                    await self._call(
-                        "AddService", defs.SIG_ADD_SERVICE,
-                        (target.interface, target.protocol, 0, target.name, stype, "", "",
-                         target.port, list(target.txt)),
-                    )
+                for record in rdata.claim_records(target, host, domain):
+                    await self._add_record(self._claim, target, record)
             except AvahiError as err:
                 if err.name != defs.ERR_COLLISION:
                     raise
@@ -162,21 +198,61 @@ class Publisher(WantedAdvert):
                 target = replace(target, name=self._name)
                 continue
             self._committed_at = time.monotonic()
-            await self._call("Commit")
+            await self._call(self._claim, "Commit")
             self._published = target
             return
         raise AvahiError(f"no free instance name after {_COLLISION_RENAMES_MAX} alternatives")
 
+    async def _point(self, target: Advertisement) -> None:
+        if self._pointers is None:
+            self._pointers = await self._new_group(self._on_pointers_signal)
+        await self._call(self._pointers, "Reset")
+        (domain,) = await self._server("GetDomainName")
+        for record in rdata.pointer_records(target, domain):
+            await self._add_record(self._pointers, target, record)
+        await self._call(self._pointers, "Commit")
+        self._pointed = _pointed_at(target)
+
+    async def _update_txt(self, target: Advertisement) -> None:
+        """Replace the TXT in place (what UpdateServiceTxt does): Avahi re-announces it."""
+        assert self._claim is not None
+        (host,) = await self._server("GetHostNameFqdn")
+        (domain,) = await self._server("GetDomainName")
+        for record in rdata.claim_records(target, host, domain):
+            if record.rtype == rdata.TYPE_TXT:
+                await self._add_record(self._claim, target, record, defs.PUBLISH_UPDATE)
+        self._published = target
+        self._log.event("advert_updated", name=target.name)
+
     async def _rename(self) -> None:
-        (alternative,) = await self._bus.call(
-            defs.SERVER_PATH, defs.IFACE_SERVER, "GetAlternativeServiceName",
-            ("(s)", "(s)"), (self._name,),
+        (alternative,) = await self._server(
+            "GetAlternativeServiceName", ("(s)", "(s)"), (self._name,)
         )
         self._log.event("advert_renamed", "notice", name=self._name, alternative=alternative)
         self._name = alternative
 
-    async def _call(
-        self, method: str, signature: tuple[str, str] = ("()", "()"), args: tuple[Any, ...] = ()
+    async def _new_group(self, handler: Any) -> str:
+        (path,) = await self._server("EntryGroupNew", ("()", "(o)"))
+        self._bus.register(path, handler)
+        return str(path)
+
+    async def _add_record(
+        self, group: str, target: Advertisement, record: rdata.RawRecord, flags: int = 0
+    ) -> None:
+        if record.unique:
+            flags |= defs.PUBLISH_UNIQUE
+        await self._call(group, "AddRecord", defs.SIG_ADD_RECORD, (
+            target.interface, target.protocol, flags, record.name, rdata.CLASS_IN,
+            record.rtype, record.ttl, record.rdata,
+        ))
+
+    async def _server(
+        self, method: str, signature: tuple[str, str] = ("()", "(s)"), args: tuple[Any, ...] = ()
     ) -> tuple[Any, ...]:
-        assert self._group is not None
-        return await self._bus.call(self._group, defs.IFACE_ENTRY_GROUP, method, signature, args)
+        return await self._bus.call(defs.SERVER_PATH, defs.IFACE_SERVER, method, signature, args)
+
+    async def _call(
+        self, group: str, method: str, signature: tuple[str, str] = ("()", "()"),
+        args: tuple[Any, ...] = (),
+    ) -> tuple[Any, ...]:
+        return await self._bus.call(group, defs.IFACE_ENTRY_GROUP, method, signature, args)
