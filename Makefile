@@ -10,7 +10,7 @@ APT_PACKAGES := avahi-daemon avahi-utils dbus iproute2 util-linux nftables pytho
 	python3-prometheus-client python3-sdnotify python3-cryptography prometheus
 PYTEST_ARGS ?=
 
-.PHONY: deps lint test test-all demo bench clean
+.PHONY: deps lint test test-all demo bench clean deb deb-deps pi-gen-stage
 
 .stamp-apt: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -43,5 +43,38 @@ demo: deps
 bench: deps
 	$(PY) -m bench
 
+# The Debian package, built the Debian way (debhelper 13, dh-python, pybuild) from a copy of the
+# working tree's tracked and unignored files, so the checkout stays clean. pybuild needs Debian's
+# /usr/bin/python3 first on PATH. `lintian` must report no errors.
+DEB_TOOLS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+DEB_VERSION := $(shell sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog)
+DEB := dist/sugarkube-agent_$(DEB_VERSION)_all.deb
+
+.stamp-deb-tools: Makefile
+	@missing=$$(for p in $(DEB_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+deb-deps: .stamp-deb-tools
+
+deb: .stamp-deb-tools
+	rm -rf build/deb && mkdir -p build/deb/src dist
+	git ls-files -co --exclude-standard -z | xargs -0 tar -c --no-recursion -f - | tar -x -C build/deb/src
+	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc -tc >../build.log 2>&1 \
+		|| { tail -n 40 ../build.log; exit 1; }
+	mv build/deb/sugarkube-agent_$(DEB_VERSION)_all.deb $(DEB)
+	env PATH=/usr/sbin:/usr/bin:/sbin:/bin lintian --fail-on error $(DEB)
+	@echo "built $(DEB)"
+
+# The pi-gen stage installs the .deb it finds in its files/ (image/pi-gen/README section in the
+# top-level README); the boot tests install the same file with the stage's own 00-run.sh.
+PI_GEN_FILES := image/pi-gen/stage-sugarkube/00-sugarkube/files
+pi-gen-stage: deb
+	rm -f $(PI_GEN_FILES)/sugarkube-agent_*_all.deb && mkdir -p $(PI_GEN_FILES)
+	cp $(DEB) $(PI_GEN_FILES)/
+
 clean:
-	rm -rf $(VENV) .stamp-apt .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .stamp-apt .stamp-deb-tools .pytest_cache .mypy_cache .ruff_cache build dist
