@@ -324,7 +324,11 @@ async def _fresh_zeroconf(interface_addr: str) -> AsyncIterator[Zeroconf]:
     try:
         zc = aiozc.zeroconf
         try:
-            await asyncio.wait_for(zc.async_wait_for_start(), const.LIVE_ROUND_START_TIMEOUT)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result and
+            # swallows a cancel that lands as the inner await completes (gh-86296), and the
+            # daemon cancels rounds whenever the machine no longer needs them.
+            async with asyncio.timeout(const.LIVE_ROUND_START_TIMEOUT):
+                await zc.async_wait_for_start()
         except (NotRunningException, TimeoutError) as err:
             raise WireError(f"mDNS sockets on {interface_addr} did not start") from err
         if not zc.engine.senders:
@@ -339,7 +343,8 @@ async def _fresh_zeroconf(interface_addr: str) -> AsyncIterator[Zeroconf]:
         _closing.add(closing)
         closing.add_done_callback(_closing.discard)
         with suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(closing), const.LIVE_ROUND_CLOSE_TIMEOUT)
+            async with asyncio.timeout(const.LIVE_ROUND_CLOSE_TIMEOUT):
+                await asyncio.shield(closing)
 
 
 async def live_round(
