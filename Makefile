@@ -10,7 +10,7 @@ APT_PACKAGES := avahi-daemon avahi-utils dbus iproute2 util-linux nftables pytho
 	python3-prometheus-client python3-sdnotify python3-cryptography prometheus
 PYTEST_ARGS ?=
 
-.PHONY: deps lint test test-all demo bench clean deb deb-deps pi-gen-stage
+.PHONY: deps lint test test-all demo bench clean deb deb-deps pi-gen-stage image-test
 
 .stamp-apt: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -31,10 +31,10 @@ lint: deps
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy
 
-test: deps lint
+test: deps deb-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow" tests
 
-test-all: deps lint
+test-all: deps deb-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 demo: deps
@@ -46,7 +46,9 @@ bench: deps
 # The Debian package, built the Debian way (debhelper 13, dh-python, pybuild) from a copy of the
 # working tree's tracked and unignored files, so the checkout stays clean. pybuild needs Debian's
 # /usr/bin/python3 first on PATH. `lintian` must report no errors.
-DEB_TOOLS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+# ... and what the image tests need: mmdebstrap builds the rootfs, systemd-nspawn boots it.
+DEB_TOOLS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
+	shellcheck mmdebstrap systemd-container arch-test
 DEB_VERSION := $(shell sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog)
 DEB := dist/sugarkube-agent_$(DEB_VERSION)_all.deb
 
@@ -75,6 +77,12 @@ PI_GEN_FILES := image/pi-gen/stage-sugarkube/00-sugarkube/files
 pi-gen-stage: deb
 	rm -f $(PI_GEN_FILES)/sugarkube-agent_*_all.deb && mkdir -p $(PI_GEN_FILES)
 	cp $(DEB) $(PI_GEN_FILES)/
+
+# The package installed by the pi-gen stage's script into a bookworm rootfs (mmdebstrap, cached in
+# /var/cache/sugarkube-image) and booted with systemd-nspawn: one node, three nodes forming a
+# cluster through systemd, install/purge (also part of `make test`).
+image-test: deps deb-deps
+	$(PY) -m pytest $(PYTEST_ARGS) -m "image and not slow" tests/image
 
 clean:
 	rm -rf $(VENV) .stamp-apt .stamp-deb-tools .pytest_cache .mypy_cache .ruff_cache build dist

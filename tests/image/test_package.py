@@ -14,8 +14,14 @@ pytestmark = pytest.mark.image
 
 # Debian's names for what the agent imports; pyroute2 and sdnotify are the tests' alone.
 RUNTIME_DEPENDS = {
-    "avahi-daemon", "dbus", "python3 (>= 3.11)", "python3-gi", "python3-prometheus-client",
-    "python3-pydbus", "python3-yaml", "python3-zeroconf",
+    "avahi-daemon",
+    "dbus",
+    "python3 (>= 3.11)",
+    "python3-gi",
+    "python3-prometheus-client",
+    "python3-pydbus",
+    "python3-yaml",
+    "python3-zeroconf",
 }
 CONFFILES = {
     "/etc/default/sugarkube-agent",
@@ -26,14 +32,16 @@ CONFFILES = {
 
 
 def _field(deb: Path, name: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def _contents(deb: Path) -> dict[str, str]:
     """path -> mode string, from `dpkg-deb -c`."""
-    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True
+    ).stdout
     entries = {}
     for line in listing.splitlines():
         fields = line.split(maxsplit=5)
@@ -77,16 +85,24 @@ def test_conffiles_and_the_unit_enabled_not_started(deb: Path, tmp_path: Path) -
 
 
 def test_lintian_reports_no_errors(deb: Path) -> None:
-    result = subprocess.run(["lintian", "--fail-on", "error,warning", str(deb)],
-                            capture_output=True, text=True, timeout=300, check=False,
-                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    result = subprocess.run(
+        ["lintian", "--fail-on", "error,warning", str(deb)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_pi_gen_stage_passes_shellcheck() -> None:
     stage = REPO / "image" / "pi-gen" / "stage-sugarkube"
-    scripts = [stage / "prerun.sh", stage / "00-sugarkube" / "00-run.sh",
-               REPO / "image" / "pi_node_verifier.sh"]  # each by its own #! line
+    scripts = [
+        stage / "prerun.sh",
+        stage / "00-sugarkube" / "00-run.sh",
+        REPO / "image" / "pi_node_verifier.sh",
+    ]  # each by its own #! line
     sourced = stage / "EXPORT_IMAGE"  # pi-gen's bash sources it
     for args in ([*map(str, scripts)], ["-s", "bash", str(sourced)]):
         result = subprocess.run(["shellcheck", *args], capture_output=True, text=True, check=False)

@@ -9,9 +9,9 @@ if [ "${#debs[@]}" -ne 1 ]; then
 	exit 1
 fi
 deb=$(basename "${debs[0]}")
-install -m 644 "${debs[0]}" "${ROOTFS_DIR}/tmp/${deb}"
+install -m 644 "${debs[0]}" "${ROOTFS_DIR}/var/tmp/${deb}"
 on_chroot <<CHROOT
-apt-get install -y --no-install-recommends "/tmp/${deb}"
-rm -f "/tmp/${deb}"
+apt-get install -y --no-install-recommends "/var/tmp/${deb}"
+rm -f "/var/tmp/${deb}"
 systemctl is-enabled sugarkube-agent.service
 CHROOT
