@@ -3,6 +3,10 @@
 Avahi reports an item per (interface, protocol); we resolve each and emit one record per advert
 identity (instance name, type, domain), preferring IPv4, then the lowest interface index. A
 resolver is kept for the item's lifetime, so TXT changes published in place arrive as `updated`.
+Avahi's resolver keeps the TXT it first found until that record leaves the cache, which the
+cache-flush rule delays by at least a second (RFC 6762 §10.2; avahi-core/resolve-service.c takes
+a new TXT only once the old one is removed); so each item also has a record browser on its TXT,
+whose ItemNew brings a record published in place as soon as it arrives.
 When avahi-daemon restarts, the known records are kept as stale until the new browser's first
 AllForNow: adverts that are still there do not flap, the ones that went away are removed.
 """
@@ -13,14 +17,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
-from agent.avahi import defs
+from agent.avahi import defs, rdata
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.log import EventLog
-from agent.mdns.records import BrowseEvent, EventKind, Identity, ServiceRecord
+from agent.mdns.records import BrowseEvent, EventKind, Identity, ServiceRecord, split_txt
 
 ItemKey = tuple[int, int, str, str, str]  # interface, protocol, name, type, domain
 
@@ -28,6 +32,8 @@ ItemKey = tuple[int, int, str, str, str]  # interface, protocol, name, type, dom
 @dataclass
 class _Item:
     resolver: str | None = None
+    txt_browser: str | None = None
+    txts: list[bytes] = field(default_factory=list)  # TXT rdata in the cache, newest last
     record: ServiceRecord | None = None
     stale: bool = False
     failures: int = 0
@@ -37,6 +43,13 @@ class _Item:
 def _item_key(args: tuple[Any, ...]) -> ItemKey:
     interface, protocol, name, stype, domain = args[:5]
     return (interface, protocol, name, stype, domain)
+
+
+def _objects(item: _Item) -> list[tuple[str, str]]:
+    """The item's Avahi objects and their interfaces."""
+    pairs = [(item.resolver, defs.IFACE_SERVICE_RESOLVER),
+             (item.txt_browser, defs.IFACE_RECORD_BROWSER)]
+    return [(path, iface) for path, iface in pairs if path is not None]
 
 
 def _preference(item: _Item) -> tuple[bool, int]:
@@ -103,16 +116,14 @@ class Browser:
         self._undo_presence()
         for task in list(self._tasks):
             task.cancel()
-        paths = [item.resolver for item in self._items.values() if item.resolver]
+        objects = [pair for item in self._items.values() for pair in _objects(item)]
         if self._path:
-            paths.append(self._path)
-        for path in paths:
+            objects.append((self._path, defs.IFACE_SERVICE_BROWSER))
+        for path, _iface in objects:
             self._bus.unregister(path)
         if self._bus.state is not None:
-            iface = {self._path: defs.IFACE_SERVICE_BROWSER}
             await asyncio.gather(
-                *(self._free(p, iface.get(p, defs.IFACE_SERVICE_RESOLVER)) for p in paths),
-                return_exceptions=True,
+                *(self._free(path, iface) for path, iface in objects), return_exceptions=True
             )
 
     # -- the browser object -------------------------------------------------------------------
@@ -147,7 +158,8 @@ class Browser:
         if state is None:
             self._path = None
             for item in self._items.values():
-                item.resolver = None
+                item.resolver = item.txt_browser = None
+                item.txts.clear()
                 item.stale = True
             self._log.event("browse_interrupted", "warning", stype=self._stype)
         elif state == defs.ServerState.RUNNING and self._path is None and not self._closed:
@@ -186,9 +198,9 @@ class Browser:
             return
         for task in item.tasks:
             task.cancel()
-        if item.resolver:
-            self._bus.unregister(item.resolver)
-            self._spawn(self._free(item.resolver, defs.IFACE_SERVICE_RESOLVER))
+        for path, iface in _objects(item):
+            self._bus.unregister(path)
+            self._spawn(self._free(path, iface))
         self._sync(key[2:])
 
     def _drop_stale(self) -> None:
@@ -200,31 +212,39 @@ class Browser:
     async def _resolve(self, key: ItemKey, item: _Item) -> None:
         interface, protocol, name, stype, domain = key
         # aprotocol = the item's protocol: the address reached over the link it was seen on.
-        args = (interface, protocol, name, stype, domain, protocol, 0)
+        resolver_args = (interface, protocol, name, stype, domain, protocol, 0)
+        owner = f"{rdata.escape_label(name)}.{stype}.{domain}"
+        txt_args = (interface, protocol, owner, rdata.CLASS_IN, rdata.TYPE_TXT, 0)
         try:
-            if self._legacy:
-                (path,) = await self._bus.call(
-                    defs.SERVER_PATH, defs.IFACE_SERVER, "ServiceResolverNew",
-                    defs.SIG_SERVICE_RESOLVER_PREPARE, args,
-                )
-                self._adopt(key, item, path)
-            else:
-                (path,) = await self._bus.call(
-                    defs.SERVER_PATH, defs.IFACE_SERVER2, "ServiceResolverPrepare",
-                    defs.SIG_SERVICE_RESOLVER_PREPARE, args,
-                )
-                if self._adopt(key, item, path):
-                    await self._bus.call(path, defs.IFACE_SERVICE_RESOLVER, "Start")
+            item.resolver = await self._create(
+                key, item, "ServiceResolver", signature=defs.SIG_SERVICE_RESOLVER_PREPARE,
+                args=resolver_args,
+                handler=lambda member, args: self._on_resolver_signal(key, member, args),
+            )
+            item.txt_browser = await self._create(
+                key, item, "RecordBrowser", signature=defs.SIG_RECORD_BROWSER_PREPARE,
+                args=txt_args, handler=lambda member, args: self._on_txt_signal(key, member, args),
+            )
         except AvahiError as err:
             self._log.event("resolve_failed", "warning", name=name, error=str(err))
 
-    def _adopt(self, key: ItemKey, item: _Item, path: str) -> bool:
+    async def _create(
+        self, key: ItemKey, item: _Item, kind: str, *, signature: tuple[str, str],
+        args: tuple[Any, ...], handler: Callable[[str, tuple[Any, ...]], None],
+    ) -> str | None:
+        """An Avahi object of kind for the item, started; None if the item went meanwhile."""
+        iface = f"org.freedesktop.Avahi.{kind}"
+        method, server = (f"{kind}New", defs.IFACE_SERVER) if self._legacy else (
+            f"{kind}Prepare", defs.IFACE_SERVER2)
+        (path,) = await self._bus.call(defs.SERVER_PATH, server, method, signature, args)
         if self._items.get(key) is not item:  # removed while we were creating it
-            self._spawn(self._free(path, defs.IFACE_SERVICE_RESOLVER))
-            return False
-        item.resolver = path
-        self._bus.register(path, lambda member, args: self._on_resolver_signal(key, member, args))
-        return True
+            self._spawn(self._free(path, iface))
+            return None
+        # avahi < 0.8 starts the object at creation; the bus replays signals that beat us here.
+        self._bus.register(path, handler)
+        if not self._legacy:
+            await self._bus.call(path, iface, "Start")
+        return str(path)
 
     def _on_resolver_signal(self, key: ItemKey, member: str, args: tuple[Any, ...]) -> None:
         item = self._items.get(key)
@@ -241,6 +261,7 @@ class Browser:
                 txt=tuple(bytes(t) for t in reversed(txt)), interface=iface, protocol=proto,
                 local=bool(flags & defs.LookupResultFlags.LOCAL),
             )
+            self._take_newest_txt(item)
             self._sync(key[2:])
         elif member == "Failure":
             # Typically a timeout: a cached PTR whose host no longer answers. Logged once; the
@@ -248,6 +269,29 @@ class Browser:
             item.failures += 1
             if item.failures == 1:
                 self._log.event("resolve_failed", "notice", name=key[2], error=args[0])
+
+    def _on_txt_signal(self, key: ItemKey, member: str, args: tuple[Any, ...]) -> None:
+        item = self._items.get(key)
+        if item is None or member not in ("ItemNew", "ItemRemove"):
+            return
+        txt = bytes(args[5])
+        if txt in item.txts:
+            item.txts.remove(txt)
+        if member == "ItemNew":
+            item.txts.append(txt)
+        if self._take_newest_txt(item):
+            self._sync(key[2:])
+
+    @staticmethod
+    def _take_newest_txt(item: _Item) -> bool:
+        """Give the item's record the newest TXT in the cache; True if that changed it."""
+        if item.record is None or not item.txts:
+            return False
+        txt = split_txt(item.txts[-1])
+        if txt == item.record.txt:
+            return False
+        item.record = replace(item.record, txt=txt)
+        return True
 
     async def _free(self, path: str, interface: str) -> None:
         with contextlib.suppress(AvahiError):  # gone with its daemon already: nothing to free

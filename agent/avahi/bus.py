@@ -230,6 +230,7 @@ class AvahiBus:
         for interface in (
             defs.IFACE_SERVICE_BROWSER,
             defs.IFACE_SERVICE_RESOLVER,
+            defs.IFACE_RECORD_BROWSER,
             defs.IFACE_ENTRY_GROUP,
             defs.IFACE_SERVER,
         ):

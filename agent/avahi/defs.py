@@ -15,6 +15,7 @@ IFACE_SERVER2 = "org.freedesktop.Avahi.Server2"  # avahi >= 0.8: *Prepare method
 IFACE_ENTRY_GROUP = "org.freedesktop.Avahi.EntryGroup"
 IFACE_SERVICE_BROWSER = "org.freedesktop.Avahi.ServiceBrowser"
 IFACE_SERVICE_RESOLVER = "org.freedesktop.Avahi.ServiceResolver"
+IFACE_RECORD_BROWSER = "org.freedesktop.Avahi.RecordBrowser"
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
@@ -77,6 +78,7 @@ class LookupResultFlags(IntFlag):
 # Method signatures: (in-signature, out-signature), as in the interface XML.
 SIG_SERVICE_BROWSER_PREPARE = ("(iissu)", "(o)")  # interface, protocol, type, domain, flags
 SIG_SERVICE_RESOLVER_PREPARE = ("(iisssiu)", "(o)")  # ..., name, type, domain, aprotocol, flags
+SIG_RECORD_BROWSER_PREPARE = ("(iisqqu)", "(o)")  # interface, protocol, name, class, type, flags
 # interface, protocol, flags, name, class, type, ttl, rdata
 SIG_ADD_RECORD = ("(iiusqquay)", "()")
 

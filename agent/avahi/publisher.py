@@ -47,6 +47,9 @@ class Publisher(WantedAdvert):
         self._claimed = False  # the claim group is established
         self._collided = False
         self._committed_at = 0.0
+        self._host = ""  # the host name and domain the claim's SRV names, as Avahi gave them
+        self._domain = "local"
+        self._host_in_doubt = False  # the server re-registered its host records meanwhile
 
     async def run(self) -> None:
         """Reconcile until cancelled."""
@@ -124,24 +127,29 @@ class Publisher(WantedAdvert):
     # -- reconcile --------------------------------------------------------------------------
 
     async def _reconcile(self) -> None:
-        wanted = self._wanted
-        if wanted is not None and self._bus.state == defs.ServerState.RUNNING:
-            await self._publish(wanted)
-            return
-        if self._bus.state != defs.ServerState.RUNNING:
-            await self._hold()
-        else:
+        wanted, state = self._wanted, self._bus.state
+        if state is None:  # the daemon is gone, and our groups with it
+            pass
+        elif wanted is None:
             await self._free()
+        elif state == defs.ServerState.RUNNING:
+            await self._publish(wanted)
+        elif state == defs.ServerState.REGISTERING:
+            # Avahi registers host records again when an address comes or goes: our groups stay
+            # (a reset would send goodbyes, and peers would lose the advert for seconds); the
+            # SRV still names this host unless the name itself changed, checked once RUNNING.
+            self._host_in_doubt = True
+        else:
+            await self._hold()
         if wanted is None:
             self._synced.set()
 
     async def _hold(self) -> None:
-        """While the server registers its host name (or has none), Avahi wants groups reset and
-        registered again once it runs (avahi-client/client.h, AVAHI_CLIENT_S_*)."""
-        if self._bus.state is not None:
-            for path in (self._pointers, self._claim):
-                if path is not None:
-                    await self._call(path, "Reset")
+        """The host name collided (or the server failed): Avahi wants groups reset and registered
+        again once it runs, under the new name (avahi-client/client.h, AVAHI_CLIENT_S_*)."""
+        for path in (self._pointers, self._claim):
+            if path is not None:
+                await self._call(path, "Reset")
         self._published = self._pointed = None
         self._claimed = False
         self.established.clear()
@@ -157,6 +165,11 @@ class Publisher(WantedAdvert):
         self._log.event("advert_withdrawn", name=self._name or None)
 
     async def _publish(self, wanted: Advertisement) -> None:
+        if self._host_in_doubt:
+            self._host_in_doubt = False
+            (host,) = await self._server("GetHostNameFqdn")
+            if host != self._host:
+                self._published = None  # the SRV must name the new host: claim again
         if self._collided:
             self._collided = False
             await self._rename()
@@ -184,10 +197,10 @@ class Publisher(WantedAdvert):
             await self._call(self._claim, "Reset")
             self._published = None
             self._claimed = False
-            (host,) = await self._server("GetHostNameFqdn")
-            (domain,) = await self._server("GetDomainName")
+            (self._host,) = await self._server("GetHostNameFqdn")
+            (self._domain,) = await self._server("GetDomainName")
             try:
-                for record in rdata.claim_records(target, host, domain):
+                for record in rdata.claim_records(target, self._host, self._domain):
                     await self._add_record(self._claim, target, record)
             except AvahiError as err:
                 if err.name != defs.ERR_COLLISION:
@@ -207,8 +220,7 @@ class Publisher(WantedAdvert):
         if self._pointers is None:
             self._pointers = await self._new_group(self._on_pointers_signal)
         await self._call(self._pointers, "Reset")
-        (domain,) = await self._server("GetDomainName")
-        for record in rdata.pointer_records(target, domain):
+        for record in rdata.pointer_records(target, self._domain):
             await self._add_record(self._pointers, target, record)
         await self._call(self._pointers, "Commit")
         self._pointed = _pointed_at(target)
@@ -216,9 +228,7 @@ class Publisher(WantedAdvert):
     async def _update_txt(self, target: Advertisement) -> None:
         """Replace the TXT in place (what UpdateServiceTxt does): Avahi re-announces it."""
         assert self._claim is not None
-        (host,) = await self._server("GetHostNameFqdn")
-        (domain,) = await self._server("GetDomainName")
-        for record in rdata.claim_records(target, host, domain):
+        for record in rdata.claim_records(target, self._host, self._domain):
             if record.rtype == rdata.TYPE_TXT:
                 await self._add_record(self._claim, target, record, defs.PUBLISH_UPDATE)
         self._published = target

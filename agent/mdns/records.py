@@ -27,6 +27,20 @@ class Role(StrEnum):
     AGENT = "agent"
 
 
+def split_txt(rdata: bytes) -> tuple[bytes, ...]:
+    """TXT rdata as its strings in wire order (RFC 1035 §3.3.14); a string cut short is dropped."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(rdata):
+        length = rdata[offset]
+        item = rdata[offset + 1 : offset + 1 + length]
+        if len(item) < length:
+            break
+        items.append(item)
+        offset += 1 + length
+    return tuple(items)
+
+
 class RecordError(ValueError):
     """A record we cannot build or use; the message is one line, safe to log."""
 

@@ -50,7 +50,7 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from agent import const
 from agent.cluster.election import NodeAdvert
-from agent.mdns.records import RecordError, normalize_host, parse_advert
+from agent.mdns.records import RecordError, normalize_host, parse_advert, split_txt
 
 # A DNS-SD service type as records.service_type() builds it: "_<name>._tcp" or "._udp".
 _STYPE = re.compile(r"_[^.\s]{1,62}\._(tcp|udp)")
@@ -80,20 +80,6 @@ class LiveRecord:
 def _fold(name: str) -> str:
     """A DNS name as compared: ASCII letters lowercased, length unchanged."""
     return name.translate(_ASCII_LOWER)
-
-
-def split_txt(rdata: bytes) -> tuple[bytes, ...]:
-    """TXT rdata as its strings in wire order (RFC 1035 §3.3.14); a string cut short is dropped."""
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(rdata):
-        length = rdata[offset]
-        item = rdata[offset + 1 : offset + 1 + length]
-        if len(item) < length:
-            break
-        items.append(item)
-        offset += 1 + length
-    return tuple(items)
 
 
 def _address_text(record: DNSAddress) -> str | None:

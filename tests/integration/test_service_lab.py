@@ -146,10 +146,12 @@ def test_address_change_reaches_the_peer_and_link_flap_reannounces(
     want = f"ip4={new}".encode().hex()
     line = probe.expect(lambda ln: ln.get("kind") in ("added", "updated")
                         and want in ln.get("txt", []), 5)
-    # Our part takes ~0.12 s (netlink 0.1 s debounce, then UpdateServiceTxt); Avahi's update
-    # then reaches the peer's resolver in 1.1-2.2 s (measured here). Issue 5 asks for 2 s:
-    # met in most runs, not all; the bound here is what Avahi lets us promise.
-    assert line["t"] - changed < 3.0
+    # Issue 5 asks for 2 s; measured here 0.12-0.28 s (N=8): netlink's 0.1 s debounce, the TXT
+    # replaced in place, and the peer's record browser on that TXT (its resolver alone would
+    # wait out the old record's cache-flush second, 1.1-2.5 s). The advert never left meanwhile:
+    # Avahi re-registering host records for the new address no longer resets our groups.
+    assert line["t"] - changed < 2.0
+    assert not [ln for ln in probe.seen if ln.get("kind") == "removed" and ln["t"] > changed]
     assert new not in agent.text()  # addresses are pseudonyms in the log
     agent.wait_event("address_changed", 2)
 

@@ -13,14 +13,13 @@ from zeroconf._protocol.incoming import DNSIncoming
 
 from agent import const
 from agent.cluster.election import NodeAdvert
-from agent.mdns.records import Role
+from agent.mdns.records import Role, split_txt
 from agent.mdns.wire import (
     LiveRecord,
     RoundCollector,
     WireError,
     _query,
     live_round,
-    split_txt,
     to_node_adverts,
 )
 
