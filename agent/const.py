@@ -86,6 +86,7 @@ FORMATION_TICK = 0.25  # s: the longest the formation loop waits without an obse
 IDLE_WAKE = 3600.0  # s: the same, once the gate is open (nothing left to time)
 ABSENCE_ROUNDS = 2  # consecutive absent live rounds (DESIGN.md §A "Double-absence gate")
 ABSENCE_ROUND_GAP = 1.0  # s at least between the starts of counted rounds (DESIGN.md §A)
+ROUND_RETRY = 1.0  # s before a failed live round is asked for again (no address, sockets refused)
 
 # --- k3s files (agent/cluster/k3s.py; k3s pkg/clientaccess/token.go, pkg/configfilearg) ---
 K3S_K10_PREFIX = "K10"  # token.go tokenPrefix: starts `K10<ca hash>::<credentials>` tokens

@@ -127,6 +127,7 @@ class Timings:
     dead_hold: float = const.DEAD_SERVER_HOLD
     bootstrap_retry: float = const.BOOTSTRAP_PROVE_RETRY
     view_settle: float = const.JOIN_VIEW_SETTLE
+    round_retry: float = const.ROUND_RETRY
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Formation:
     _published_at: float | None = None
     _published_role: Role = Role.CANDIDATE
     _round_in_flight: bool = False
+    _round_retry_at: float = 0.0  # a failed round is asked for again no sooner than this
     _confirm_after: float = float("inf")  # a confirm round must start after this to count
     _confirmed: bool = False
     _proving: str | None = None
@@ -200,9 +202,11 @@ class Formation:
             return
         self._gate.observe(started, present)
 
-    def round_failed(self) -> None:
-        """A live round could not run: no evidence either way; a new one may be asked for."""
+    def round_failed(self, now: float) -> None:
+        """A live round could not run: no evidence either way; another one is asked for after
+        timings.round_retry (a round that fails at once, e.g. sockets refused, must not spin)."""
         self._round_in_flight = False
+        self._round_retry_at = now + self.timings.round_retry
 
     def proof_done(self, now: float, advert: NodeAdvert, ok: bool, reason: str = "") -> Event:
         """The wire proof of a server finished; returns the event to log."""
@@ -254,6 +258,7 @@ class Formation:
         if nxt is not None:
             candidates.append(nxt)
         candidates.append(self._confirm_after)
+        candidates.append(self._round_retry_at)
         if self._first_seen is not None:
             candidates.append(self._first_seen + self.timings.view_settle)
         future = [t for t in candidates if t > now]
@@ -316,7 +321,7 @@ class Formation:
         if self._confirmed:
             mode: ReleaseMode = "single" if self.servers == 1 else "cluster-init"
             self._release(actions, Release(mode), Phase.RELEASED, f"released: {mode}")
-        elif not self._round_in_flight:
+        elif not self._round_in_flight and now >= self._round_retry_at:
             self._round_in_flight = True
             actions.append(RunRound())
 
@@ -372,8 +377,8 @@ class Formation:
         actions.append(release)
 
     def _request_round(self, now: float, actions: list[Action]) -> None:
-        due = self._gate.next_round_at()
-        if not self._round_in_flight and (due is None or now >= due):
+        due = max(self._gate.next_round_at() or now, self._round_retry_at)
+        if not self._round_in_flight and now >= due:
             self._round_in_flight = True
             actions.append(RunRound())
 

@@ -244,20 +244,20 @@ class FormationRunner:
         flaps = self._link_flaps
         if not self._link_up:
             # Unplugged, a round hears nothing: that is no evidence of absence.
-            self.machine.round_failed()
+            self.machine.round_failed(time.monotonic())
             self._wake.set()
             return
         try:
             records = await wire.live_round(self._stype, interface_addr=self._iface.ip4)
         except Exception as err:  # a failed round is no evidence either way
-            self.machine.round_failed()
+            self.machine.round_failed(time.monotonic())
             self._log.event("absence_round_failed", "warning", error=f"{type(err).__name__}: {err}")
         else:
             await asyncio.sleep(const.NETLINK_SETTLE)  # a link drop is reported this late
             # A record heard without TXT cannot be judged: no evidence either way.
             unknown = any(not r.txt for r in records)
             if flaps != self._link_flaps or not self._link_up or unknown:
-                self.machine.round_failed()  # the link went down under the round
+                self.machine.round_failed(time.monotonic())  # the link went down meanwhile
                 self._wake.set()
                 return
             adverts = wire.to_node_adverts(records, self.machine.key)

@@ -97,6 +97,21 @@ def test_member_releases_at_once_without_election() -> None:
     assert Advertise(Role.SERVER, Phase.SERVING, "a.local", "ca1") in f.step(0.1)
 
 
+def test_a_failed_round_is_asked_for_again_only_after_round_retry() -> None:
+    """A round that fails at once (no address, sockets refused) must not be retried in a loop:
+    seen on qemu-user, where every round failed in microseconds, as 300 warnings a second."""
+    f = _node()
+    f.step(0.0)
+    f.published(1.0, Role.CANDIDATE)
+    assert RunRound() in f.step(1.0)
+    f.round_failed(1.0)
+    assert RunRound() not in f.step(1.001)
+    assert f.wake_at(1.001) <= 1.0 + f.timings.round_retry
+    assert RunRound() in f.step(1.0 + f.timings.round_retry)
+    f.round_failed(2.0)  # and again: the same pace
+    assert RunRound() not in f.step(2.5)
+
+
 def test_lone_node_bootstraps_after_settle_absence_and_confirm() -> None:
     f = _node()
     assert Advertise(Role.CANDIDATE, Phase.DISCOVER) in f.step(0.0)
