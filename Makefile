@@ -10,7 +10,7 @@ APT_PACKAGES := avahi-daemon avahi-utils dbus iproute2 util-linux nftables pytho
 	python3-prometheus-client python3-sdnotify python3-cryptography prometheus
 PYTEST_ARGS ?=
 
-.PHONY: deps lint test test-all demo bench clean deb deb-deps pi-gen-stage image-test
+.PHONY: deps lint test test-all demo bench bench-check clean deb deb-deps pi-gen-stage image-test
 
 .stamp-apt: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -40,15 +40,31 @@ test-all: deps deb-deps lint
 demo: deps
 	$(PY) -m tests.lab demo
 
-bench: deps
+# The benchmarks also draw a picture (Debian's matplotlib) and count packets on the lab's bridge.
+BENCH_TOOLS := python3-matplotlib tcpdump
+.stamp-bench-tools: Makefile
+	@missing=$$(for p in $(BENCH_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+bench: deps .stamp-bench-tools
 	$(PY) -m bench
+
+# Ratios ours / stock tools from a fresh run against the newest committed bench/results/*.json;
+# fails when one worsened past the noise margin of the recorded spread (bench/check.py).
+bench-check: deps .stamp-bench-tools
+	$(PY) -m bench.check
 
 # The Debian package, built the Debian way (debhelper 13, dh-python, pybuild) from a copy of the
 # working tree's tracked and unignored files, so the checkout stays clean. pybuild needs Debian's
 # /usr/bin/python3 first on PATH. `lintian` must report no errors.
-# ... and what the image tests need: mmdebstrap builds the rootfs, systemd-nspawn boots it.
+# ... and what the image tests need: mmdebstrap builds the rootfs, systemd-nspawn boots it, qemu
+# runs arm64 (user mode through binfmt_misc; the full kernel boot in make test-all).
 DEB_TOOLS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
-	shellcheck mmdebstrap systemd-container arch-test
+	shellcheck mmdebstrap systemd-container arch-test qemu-user-static binfmt-support qemu-system-arm
 DEB_VERSION := $(shell sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog)
 DEB := dist/sugarkube-agent_$(DEB_VERSION)_all.deb
 
@@ -80,9 +96,10 @@ pi-gen-stage: deb
 
 # The package installed by the pi-gen stage's script into a bookworm rootfs (mmdebstrap, cached in
 # /var/cache/sugarkube-image) and booted with systemd-nspawn: one node, three nodes forming a
-# cluster through systemd, install/purge (also part of `make test`).
+# cluster through systemd, install/purge, arm64 under qemu-user (also part of `make test`); the
+# arm64 kernel boot under qemu-system-aarch64 is slow: `make test-all` runs it.
 image-test: deps deb-deps
 	$(PY) -m pytest $(PYTEST_ARGS) -m "image and not slow" tests/image
 
 clean:
-	rm -rf $(VENV) .stamp-apt .stamp-deb-tools .pytest_cache .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) .stamp-apt .stamp-deb-tools .stamp-bench-tools .pytest_cache .mypy_cache .ruff_cache build dist
