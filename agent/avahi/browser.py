@@ -31,8 +31,7 @@ ItemKey = tuple[int, int, str, str, str]  # interface, protocol, name, type, dom
 
 @dataclass
 class _Item:
-    resolver: str | None = None
-    txt_browser: str | None = None
+    objects: dict[str, str] = field(default_factory=dict)  # path -> interface: resolver, TXT
     txts: list[bytes] = field(default_factory=list)  # TXT rdata in the cache, newest last
     record: ServiceRecord | None = None
     stale: bool = False
@@ -43,13 +42,6 @@ class _Item:
 def _item_key(args: tuple[Any, ...]) -> ItemKey:
     interface, protocol, name, stype, domain = args[:5]
     return (interface, protocol, name, stype, domain)
-
-
-def _objects(item: _Item) -> list[tuple[str, str]]:
-    """The item's Avahi objects and their interfaces."""
-    pairs = [(item.resolver, defs.IFACE_SERVICE_RESOLVER),
-             (item.txt_browser, defs.IFACE_RECORD_BROWSER)]
-    return [(path, iface) for path, iface in pairs if path is not None]
 
 
 def _preference(item: _Item) -> tuple[bool, int]:
@@ -116,7 +108,7 @@ class Browser:
         self._undo_presence()
         for task in list(self._tasks):
             task.cancel()
-        objects = [pair for item in self._items.values() for pair in _objects(item)]
+        objects = [pair for item in self._items.values() for pair in item.objects.items()]
         if self._path:
             objects.append((self._path, defs.IFACE_SERVICE_BROWSER))
         for path, _iface in objects:
@@ -158,7 +150,7 @@ class Browser:
         if state is None:
             self._path = None
             for item in self._items.values():
-                item.resolver = item.txt_browser = None
+                item.objects.clear()
                 item.txts.clear()
                 item.stale = True
             self._log.event("browse_interrupted", "warning", stype=self._stype)
@@ -187,7 +179,7 @@ class Browser:
         if item is None:
             item = self._items[key] = _Item()
         item.stale = False
-        if item.resolver is None and not item.tasks:
+        if not item.objects and not item.tasks:
             task = self._spawn(self._resolve(key, item))
             item.tasks.add(task)
             task.add_done_callback(item.tasks.discard)
@@ -198,7 +190,7 @@ class Browser:
             return
         for task in item.tasks:
             task.cancel()
-        for path, iface in _objects(item):
+        for path, iface in item.objects.items():
             self._bus.unregister(path)
             self._spawn(self._free(path, iface))
         self._sync(key[2:])
@@ -216,12 +208,12 @@ class Browser:
         owner = f"{rdata.escape_label(name)}.{stype}.{domain}"
         txt_args = (interface, protocol, owner, rdata.CLASS_IN, rdata.TYPE_TXT, 0)
         try:
-            item.resolver = await self._create(
+            await self._create(
                 key, item, "ServiceResolver", signature=defs.SIG_SERVICE_RESOLVER_PREPARE,
                 args=resolver_args,
                 handler=lambda member, args: self._on_resolver_signal(key, member, args),
             )
-            item.txt_browser = await self._create(
+            await self._create(
                 key, item, "RecordBrowser", signature=defs.SIG_RECORD_BROWSER_PREPARE,
                 args=txt_args, handler=lambda member, args: self._on_txt_signal(key, member, args),
             )
@@ -231,20 +223,21 @@ class Browser:
     async def _create(
         self, key: ItemKey, item: _Item, kind: str, *, signature: tuple[str, str],
         args: tuple[Any, ...], handler: Callable[[str, tuple[Any, ...]], None],
-    ) -> str | None:
-        """An Avahi object of kind for the item, started; None if the item went meanwhile."""
+    ) -> None:
+        """An Avahi object of kind for the item, kept in item.objects (so that removing the item
+        frees it, even mid-start) and started; freed at once if the item went meanwhile."""
         iface = f"org.freedesktop.Avahi.{kind}"
         method, server = (f"{kind}New", defs.IFACE_SERVER) if self._legacy else (
             f"{kind}Prepare", defs.IFACE_SERVER2)
         (path,) = await self._bus.call(defs.SERVER_PATH, server, method, signature, args)
         if self._items.get(key) is not item:  # removed while we were creating it
             self._spawn(self._free(path, iface))
-            return None
+            return
+        item.objects[path] = iface
         # avahi < 0.8 starts the object at creation; the bus replays signals that beat us here.
         self._bus.register(path, handler)
         if not self._legacy:
             await self._bus.call(path, iface, "Start")
-        return str(path)
 
     def _on_resolver_signal(self, key: ItemKey, member: str, args: tuple[Any, ...]) -> None:
         item = self._items.get(key)
