@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
+from agent import const
 from agent.avahi import defs, rdata
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.log import EventLog
@@ -207,18 +208,34 @@ class Browser:
         resolver_args = (interface, protocol, name, stype, domain, protocol, 0)
         owner = f"{rdata.escape_label(name)}.{stype}.{domain}"
         txt_args = (interface, protocol, owner, rdata.CLASS_IN, rdata.TYPE_TXT, 0)
-        try:
-            await self._create(
-                key, item, "ServiceResolver", signature=defs.SIG_SERVICE_RESOLVER_PREPARE,
-                args=resolver_args,
-                handler=lambda member, args: self._on_resolver_signal(key, member, args),
-            )
-            await self._create(
-                key, item, "RecordBrowser", signature=defs.SIG_RECORD_BROWSER_PREPARE,
-                args=txt_args, handler=lambda member, args: self._on_txt_signal(key, member, args),
-            )
-        except AvahiError as err:
-            self._log.event("resolve_failed", "warning", name=name, error=str(err))
+        delay = const.AVAHI_RECONNECT_DELAY
+        while True:
+            try:
+                await self._create(
+                    key, item, "ServiceResolver", signature=defs.SIG_SERVICE_RESOLVER_PREPARE,
+                    args=resolver_args,
+                    handler=lambda member, args: self._on_resolver_signal(key, member, args),
+                )
+                await self._create(
+                    key, item, "RecordBrowser", signature=defs.SIG_RECORD_BROWSER_PREPARE,
+                    args=txt_args,
+                    handler=lambda member, args: self._on_txt_signal(key, member, args),
+                )
+            except AvahiError as err:
+                # A busy daemon (a LAN powering on at once) or its object limit: try again,
+                # never leave the peer unresolved for good. Item removal cancels this task.
+                self._log.event("resolve_failed", "warning", name=name, error=str(err),
+                                retry_in=delay)
+                for path, iface in item.objects.items():
+                    self._bus.unregister(path)
+                    self._spawn(self._free(path, iface))
+                item.objects.clear()
+                if self._bus.state is None:
+                    return  # the daemon left: a new browser's ItemNew resolves it again
+            else:
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, const.AVAHI_RECONNECT_DELAY_MAX)
 
     async def _create(
         self, key: ItemKey, item: _Item, kind: str, *, signature: tuple[str, str],

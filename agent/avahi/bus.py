@@ -200,8 +200,11 @@ class AvahiBus:
         # GDBus enforces timeout_ms; this outer bound only guards a wedged GLib thread.
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as the call completes (gh-86296), and shutdown cancels calls in flight.
-        async with asyncio.timeout(timeout_ms / 1000 + 1.0):
-            result: tuple[Any, ...] = await fut
+        try:
+            async with asyncio.timeout(timeout_ms / 1000 + 1.0):
+                result: tuple[Any, ...] = await fut
+        except TimeoutError as err:  # callers handle one kind of failure: AvahiError
+            raise AvahiError(f"{method}: no reply in time", defs.ERR_NO_REPLY) from err
         return result
 
     # -- signals ----------------------------------------------------------------------------
@@ -299,14 +302,23 @@ class AvahiBus:
             self._pending.popitem(last=False)
 
     async def _refresh_presence(self) -> None:
-        try:
-            (state,) = await self.call(
-                defs.SERVER_PATH, defs.IFACE_SERVER, "GetState", ("()", "(i)")
-            )
-        except AvahiError:
-            self._set_state(None)
-        else:
-            self._set_state(defs.ServerState(state))
+        """Ask the daemon's state; a daemon too busy to answer in time is asked again (it owns
+        its name, so it is there: NameOwnerChanged says when it goes), never taken for gone."""
+        delay = const.AVAHI_RECONNECT_DELAY
+        while True:
+            try:
+                (state,) = await self.call(
+                    defs.SERVER_PATH, defs.IFACE_SERVER, "GetState", ("()", "(i)")
+                )
+            except AvahiError as err:
+                if err.name != defs.ERR_NO_REPLY or self._con is None:
+                    self._set_state(None)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, const.AVAHI_RECONNECT_DELAY_MAX)
+            else:
+                self._set_state(defs.ServerState(state))
+                return
 
     def _set_state(self, state: defs.ServerState | None) -> None:
         if state is None:

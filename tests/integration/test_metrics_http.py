@@ -374,6 +374,7 @@ def test_any_bytes_get_an_answer_or_a_close_and_the_server_keeps_serving(junk: b
 SCRAPERS = 200
 WAVES = 5  # of SCRAPERS concurrent scrapes each, one wave after the other
 TICK = 0.005  # s; the lag probe's period
+IDLE_WINDOW = 1.0  # s of ticks before the first scrape: the baseline of the machine's noise
 
 
 # Run in a process of its own, as Prometheus is: in this one, the clients would hold the GIL
@@ -427,7 +428,7 @@ def test_200_concurrent_scrapes_succeed_and_the_loop_keeps_its_latency(
 ) -> None:
     monkeypatch.setattr(const, "METRICS_RENDER_REUSE", reuse)
 
-    async def scenario() -> tuple[list[tuple[list[Any], float]], list[float]]:
+    async def scenario() -> tuple[list[tuple[list[Any], float]], list[float], list[float]]:
         loop = asyncio.get_running_loop()
         ticks: list[tuple[float, float]] = []  # (when, lag)
         stop = asyncio.Event()
@@ -440,17 +441,23 @@ def test_200_concurrent_scrapes_succeed_and_the_loop_keeps_its_latency(
 
         async with serving() as server:
             probe = asyncio.create_task(ticker())
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(IDLE_WINDOW)  # the machine's own noise, before any scrape
             started = loop.time()
             waves = await scrape_in_waves(server.port)
             ended = loop.time()
             stop.set()
             await probe
-        return waves, [lag for when, lag in ticks if started <= when <= ended]
+        idle = [lag for when, lag in ticks if when < started]
+        return waves, [lag for when, lag in ticks if started <= when <= ended], idle
 
-    waves, lags = run(scenario)
+    waves, lags, idle = run(scenario)
     lags.sort()
+    idle.sort()
     p95 = lags[int(len(lags) * 0.95)]
+    # A shared machine delays every tick, loaded or not: the bounds are on top of what the
+    # same loop showed idle just before (its max and p95), so they measure our scrapes only.
+    max_lag += idle[-1]
+    p95_lag += idle[int(len(idle) * 0.95)]
     walls = ", ".join(f"{wall * 1000:.0f}" for _, wall in waves)
     summary = (
         f"{WAVES} waves of {SCRAPERS} concurrent scrapes in {walls} ms; loop lag over "
