@@ -1,15 +1,23 @@
-"""`make bench`: run every figure on one lab and write bench/results/<date>.md."""
+"""`make bench`: run every figure on the lab; write bench/results/<date>.md, .json and .png.
+
+The JSON keeps every value, for `make bench-check` (bench/check.py) to compare ratios with.
+BENCH_N sets the repetitions (20), BENCH_IDLE_S the idle window (300 s), BENCH_SCALE the lab
+sizes of the scale figures ("3,10,25"; empty: skipped; 50 nodes did not converge on a 2-core
+machine: 51 avahi-daemons and agents starting at once starve it, see bench/scale.py).
+"""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from bench import agent, discovery, formation, idle
+from bench import agent, discovery, formation, idle, picture
 from bench.stats import markdown
 from tests.integration.helpers import Probe
 from tests.lab import Lab
@@ -33,16 +41,33 @@ def main() -> int:
     figures += formation.join_next_to_server(formation_runs)
     figures += formation.absence(formation_runs)
     figures += idle.measure(float(os.environ.get("BENCH_IDLE_S", "300")))
+    sizes = [int(n) for n in os.environ.get("BENCH_SCALE", "3,10,25").split(",") if n]
+    scale_rows: list[dict[str, Any]] = []
+    if sizes:
+        from bench import scale
+
+        scale_figures, scale_rows = scale.measure(sizes)
+        figures += scale_figures
     today = datetime.date.today().isoformat()
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
+               f"{platform.python_version()}, {platform.platform()}")
     text = (
         f"# Benchmarks {today}\n\n"
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-        f", {platform.platform()}. Lab: 2 nodes, real avahi-daemon and dbus-daemon per node.\n\n"
+        f"Machine: {machine}. Lab: real avahi-daemon and dbus-daemon per node.\n\n"
         f"{markdown(figures)}\n"
+        + "".join(f"\nScale N={row['n']}: {row.get('error') or row['skipped']}\n"
+                  for row in scale_rows if "error" in row or "skipped" in row)
+        + f"\n![discovery and scale]({today}.png)\n"
     )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{today}.md"
     out.write_text(text)
+    (RESULTS / f"{today}.json").write_text(json.dumps({
+        "date": today, "machine": machine,
+        "figures": [{"name": f.name, "unit": f.unit, "values": list(f.values)} for f in figures],
+        "scale": scale_rows,
+    }, indent=1, default=str) + "\n")
+    picture.draw({f.name: f.values for f in figures}, scale_rows, RESULTS / f"{today}.png")
     sys.stdout.write(text)
     print(f"written: {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
     return 0
