@@ -130,7 +130,13 @@ class Daemon:
         self._closers.append(bus.close)
         stype = service_type(self.settings.cluster, self.settings.env)
         self.publisher: AdvertPublisher = Publisher(bus, self.log)
-        self.browse: BrowserFactory = lambda: Browser(bus, stype, self.log)
+        # The mDNS interface only, over the protocol of its address (IPv4 when it has one, as
+        # the join address prefers): per peer Avahi then keeps one resolver and one TXT browser,
+        # not two of each (every one of them queries the LAN; bench/scale.py measured the cost).
+        protocol = defs.Protocol.INET if self.iface.ip4 else defs.Protocol.INET6
+        self.browse: BrowserFactory = lambda: Browser(
+            bus, stype, self.log, interface=self.iface.index, protocol=protocol
+        )
         self.prove_alive: Callable[[], Awaitable[None]] = bus.ping_glib
         return None
 
