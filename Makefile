@@ -12,13 +12,19 @@ PYTEST_ARGS ?=
 
 .PHONY: deps lint test test-all demo bench bench-check clean deb deb-deps pi-gen-stage image-test
 
-.stamp-apt: Makefile
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+# $(call apt_install,PACKAGES): install whichever of PACKAGES are missing (one recipe for the
+# three stamps below: the tests', the benchmarks' and the package's and image tests' tools).
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@touch $@
+endef
+
+.stamp-apt: Makefile
+	$(call apt_install,$(APT_PACKAGES))
 
 $(VENV)/.stamp: requirements-dev.txt .stamp-apt
 	$(PY_SYS) -m venv --system-site-packages $(VENV)
@@ -43,12 +49,7 @@ demo: deps
 # The benchmarks also draw a picture (Debian's matplotlib) and count packets on the lab's bridge.
 BENCH_TOOLS := python3-matplotlib tcpdump
 .stamp-bench-tools: Makefile
-	@missing=$$(for p in $(BENCH_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
-	@touch $@
+	$(call apt_install,$(BENCH_TOOLS))
 
 bench: deps .stamp-bench-tools
 	$(PY) -m bench
@@ -69,12 +70,7 @@ DEB_VERSION := $(shell sed -n '1s/.*(\(.*\)).*/\1/p' debian/changelog)
 DEB := dist/sugarkube-agent_$(DEB_VERSION)_all.deb
 
 .stamp-deb-tools: Makefile
-	@missing=$$(for p in $(DEB_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
-	@touch $@
+	$(call apt_install,$(DEB_TOOLS))
 
 deb-deps: .stamp-deb-tools
 

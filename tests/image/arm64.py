@@ -18,7 +18,6 @@ Two tiers:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +38,8 @@ from tests.image.rootfs import (
     SUITE,
     VARIANT,
     ImageError,
+    _locked,
+    _run,
     cache_key,
     make_root,
 )
@@ -246,44 +247,6 @@ INITRAMFS_MODULES_FILE = "etc/initramfs-tools/modules"
 KERNEL_RECIPE_VERSION = 1
 KERNEL_BUILD_TIMEOUT = 3600.0  # s for a cold build: ~250 packages configured under qemu-user
 KERNEL_LOCK_TIMEOUT = KERNEL_BUILD_TIMEOUT + 60.0
-
-
-def _run(argv: Sequence[str], *, timeout: float, what: str) -> subprocess.CompletedProcess[str]:
-    """Run ARGV; ImageError with its last output lines if it fails or outlives TIMEOUT."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ImageError(f"{what}: `{argv[0]}` hung for {timeout:g} s") from exc
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
-        raise ImageError(f"{what}: `{' '.join(argv)}` exited {done.returncode}:\n{tail}")
-    return done
-
-
-@contextlib.contextmanager
-def _locked(path: Path, timeout: float) -> Iterator[None]:
-    """Hold an exclusive flock on PATH (polled, since flock has no timeout of its own)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ImageError(f"{path} stayed locked for {timeout:g} s") from None
-                time.sleep(0.5)
-        yield
-    finally:
-        os.close(fd)
 
 
 def kernel_packages(packages: Sequence[str] = PACKAGES) -> list[str]:
