@@ -14,6 +14,7 @@ EXIT_CONFIG = 78  # EX_CONFIG: bad configuration; systemd's RestartPreventExitSt
 
 DEFAULT_CONFIG_PATH = Path("/etc/sugarkube/agent.yaml")
 STATE_DIR = Path("/var/lib/sugarkube")
+BALLOT_FILE = STATE_DIR / "ballot.json"  # election key and promises (agent/daemon/ballot.py)
 
 K3S_API_PORT = 6443  # k3s supervisor/apiserver port, what every advert points at
 HTTPS_SERVICE_TYPE = "_https._tcp"  # what the runbook's avahi-browse checks
@@ -77,8 +78,13 @@ CLUSTER_NAME_MAX = 16
 SETTLE_WINDOW = 2.0  # s after our advert is established before an election may be won; Avahi's
 #   probe-and-announce takes ~0.9 s (3 probes 250 ms apart, RFC 6762 §8.1) plus 0-250 ms delay
 CANDIDATE_HOLD = 3.0  # s a vanished candidate still counts: renaming to "(bootstrap)" re-probes
-BOOTSTRAP_CONFIRM = 0.5  # s after our bootstrap advert is established before the confirm round
-DEAD_SERVER_HOLD = 10.0  # s an unreachable server is not retried nor counted
+DEAD_SERVER_HOLD = 10.0  # s a vanished server, bootstrapper or agent advert still counts (an
+#   avahi-daemon restart hides a node's adverts for 2.5-4 s, measured in the lab), and a server
+#   that failed its proof while claiming to serve is not retried
+JOIN_ORDER_WAIT = 120.0  # s a server join waits at most for each one ahead of it to become a
+#   voting member (etcd admits one learner at a time: "too many learner members in cluster")
+JOIN_STALL_WARN = 180.0  # s waiting on a server or bootstrapper that does not serve before the
+#   node warns (a Pi's k3s serves within 20-60 s of starting)
 BOOTSTRAP_PROVE_RETRY = 0.5  # s between proofs of a bootstrapper whose k3s is still starting
 JOIN_VIEW_SETTLE = 0.15  # s after the first advert before taking a server slot (RFC 6762 §6:
 #   responders answer 20-120 ms after a query, so the rest of a cold browse follows within it)
@@ -104,7 +110,8 @@ PROBE_DETAIL_MAX = 200  # characters in a ProofResult's one-line detail
 CAPTURE_OPEN_TIMEOUT = 3.0  # s; first scapy import (0.2 s measured on x86; a Pi is slower) + socket
 CAPTURE_SETTLE = 0.2  # s; after the connect, for the sniffer thread to dissect the SYN-ACK
 CAPTURE_STOP_TIMEOUT = 1.0  # s; stop and join the sniffer thread (it wakes on a pipe at once)
-LIVE_SEEN_TTL = 5.0  # s an advert seen only by a live round (not the browser) still counts
+LIVE_SEEN_TTL = 5.0  # s an advert a live round heard counts as live (rounds run back to back,
+#   ~1 s each, until the release: a live node is heard again well within it, even with loss)
 
 # Control socket and the k3s gate (agent/daemon/control.py, agent/client.py)
 CONTROL_SOCKET = Path("/run/sugarkube/agent.sock")

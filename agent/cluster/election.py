@@ -1,120 +1,92 @@
 """Cluster formation as one pure state machine: observations and `now` in, actions out.
 
-Shape: the lowest live candidate after a settle window (DESIGN.md §A "Election", shape b).
+Shape: the lowest live candidate, elected by a quorum of permanent promises (DESIGN.md §A
+"Election"; in the spirit of Consul's `bootstrap_expect` and of Paxos's promises).
 
-- A node that already holds cluster state is a *member*: the gate is released at once.
-- A fresh node publishes `role=candidate` with a random election key and browses. A server
-  advert that passes the wire proof is joined (as a server while fewer than `servers` servers
-  exist, else as an agent); a `role=bootstrap` advert is waited for and joined once it serves.
-- With no server and no bootstrapper, the candidate whose key is the lowest it has seen waits
-  out the settle window (longer than Avahi's probe-and-announce, so every candidate that started
-  by then is visible) and the double-absence gate: two live rounds on the wire, >= 1 s apart,
-  that see no server, no bootstrapper and no lower key. It then publishes `role=bootstrap`,
-  confirms for a window in which every other bootstrapper must become visible, backs off to a
-  lower-keyed bootstrapper if one shows, and only then releases the gate with `cluster-init`.
+The rules, each with the fault it answers:
+1. A node that holds cluster state, or has released before, is a *member*: its gate is released
+   at once and it advertises `role=server` (or `agent`), `phase=starting` and the `ca=` of the CA
+   on disk from its first step, whatever k3s is doing (a member is never invisible: after a power
+   cut a re-flashed node sees the cluster and joins it instead of starting another).
+2. A fresh candidate advertises `vote=`: the lowest election key among itself and the free
+   candidates a live round heard (a cached advert may be a node dead for 75 minutes).
+3. A candidate *stands* (binds itself and advertises `role=bootstrap`) when it is that lowest
+   key, a quorum q = servers // 2 + 1 of live candidates votes for it (itself included), its
+   settle window has passed and the double-absence gate saw no cluster on the wire.
+4. A free candidate that a live round shows a standing bootstrapper *binds* to the lowest one:
+   it persists the promise (action Bind, before anything shows it) and advertises `phase=bound`,
+   `vote=<that key>`. The promise is for good: a bound node never votes, stands or binds again.
+   A bootstrapper that sees a lower one standing and lacks its quorum gives up the same way, by
+   binding to it; promises made to it pass on along the chain (view.supporters).
+5. A bootstrapper releases `cluster-init` only with q live supporters (itself and the nodes
+   bound to it), its own advert established, and a live round started after that establishment
+   that heard no cluster: a node whose advert left the wire re-proves it is visible.
+6. A server that a wire proof shows serving is joined, whatever the node's state; as a server
+   while fewer than `servers` servers exist, else as an agent. Server joins go one at a time in
+   key order (etcd admits one learner at a time): a joiner waits for every server that does not
+   serve yet and every live candidate with a lower key, each for at most `join_order_wait`.
+7. A node that cannot run k3s (a blocking prerequisite fails) neither stands, votes nor binds.
 
-Why two bootstrappers cannot happen without loss: two candidates A < B that started within each
-other's settle window both see each other's adverts (announced before the window ends), so B
-waits for A. A candidate's advert disappears while it renames to `(bootstrap)` (the role is part
-of the instance name, and the new name must be probed again, ~1 s): that is why a candidate seen
-within CANDIDATE_HOLD still counts. A node that starts later sees the bootstrapper's advert and
-joins it. If A and B both reach `bootstrap`, each sees the other within the confirm window and
-the higher key backs off before either has released its gate.
+Why one cluster. Releasing cluster-init takes q supporters; each node supports at most one
+bootstrapper ever, because its promise is permanent (persisted across restarts) and a
+bootstrapper that gives up never releases. Two releases therefore need 2q distinct fresh nodes:
+with at most `servers` (odd) fresh eligible nodes, 2q > servers, so two clusters cannot form under
+any partition, loss, restart or delay. Members never count as supporters, and a cluster that
+exists is visible through its members (rule 1), so fresh nodes join it; a partition that hides a
+whole existing cluster is the one case quorum cannot cover (issue 12's split-brain alarm).
+The bound: with more fresh nodes than `servers` (5 Pis, servers=3), two sides of a partition at
+power-on that each hold q nodes can each bootstrap; without a partition the lowest key wins.
 
-Under message loss, a split needs B to miss all of A's announcements (Avahi sends several) for
-the whole settle window, both live rounds to miss A's answer or B's question, and the confirm
-window and its live round to miss A's bootstrap advert, on both sides at once. With
-independent loss p per packet that is of the order of p ** 8 (5 % loss: ~4e-11 per pair of
-nodes); the lab runs 10 formations at 5 % loss per node. What bounds the damage if it happens
-anyway: each bootstrapper serves its own CA, and a node with a secure (K10) token joins only the
-CA its token names, so no node joins the wrong one of two clusters.
+What a fault costs (liveness). A lone node or a minority side waits and says so. A candidate
+that dies before standing is forgotten once live rounds stop hearing it. A bootstrapper that
+dies after nodes bound to it holds them until it returns (its key and promise are on disk: it
+resumes and releases); a node bound to one that never returns warns after `stall_warn` and
+needs `sugarkube-agent wipe --yes` to stand again. That is the price of the rule above.
 
-Servers or agents: a joiner takes a server slot while the servers, the joiners announcing
-`phase=join`, and the waiting candidates with lower keys number fewer than `servers`; else it
-joins as an agent. A node that starts during another joiner's rename to `(server)` (~1 s in which
-neither of its names is on the wire) can take a slot twice: the bound is one extra server per
-such overlap, never fewer servers than wanted.
-
-When one node of three never arrives, the others do not wait for it: the first to finish the
-election bootstraps and the other joins; the missing node joins whenever it comes up.
+Servers or agents: a joiner takes a server slot while the servers, released joiners and
+bootstrappers it knows, and the live candidates with lower keys, number fewer than `servers`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
 
 from agent import const
+from agent.cluster import view as v
+from agent.cluster.actions import (
+    Action,
+    Advertise,
+    Bind,
+    Event,
+    Prove,
+    Release,
+    ReleaseMode,
+    RunRound,
+)
 from agent.cluster.gate import AbsenceGate
+from agent.cluster.joins import Joins
+from agent.cluster.view import NodeAdvert, View
 from agent.mdns.records import Role
 
-ReleaseMode = Literal["member", "cluster-init", "single", "join-server", "join-agent"]
+__all__ = [  # the machine's vocabulary, for the runner, the tests and the simulator
+    "Action", "Advertise", "Bind", "Event", "Formation", "NodeAdvert", "Phase", "Prove",
+    "Release", "ReleaseMode", "RunRound", "Timings",
+]
 
 
 class Phase(StrEnum):
     """Where the node is in forming or joining the cluster."""
 
     MEMBER = "member"  # held cluster state at start
-    DISCOVER = "discover"  # browsing, settle window running
-    ELECT = "elect"  # lowest key: absence rounds running
-    BOOTSTRAP = "bootstrap"  # advertised bootstrap, confirming
-    JOIN = "join"  # proving a server before joining it
+    DISCOVER = "discover"  # browsing and voting
+    ELECT = "elect"  # lowest key with a quorum of votes: absence rounds running
+    BOOTSTRAP = "bootstrap"  # stood: waiting for a quorum of supporters
+    BOUND = "bound"  # promised to a bootstrapper: waiting for a server to join
+    JOIN = "join"  # proving a server, or waiting for its turn to join it
+    INELIGIBLE = "ineligible"  # cannot run k3s here: does not stand
     RELEASED = "released"  # gate released, k3s starting
     SERVING = "serving"  # the local API answers
-
-
-@dataclass(frozen=True)
-class NodeAdvert:
-    """Another node's advert, as the browser or a live round saw it."""
-
-    name: str
-    host: str
-    role: Role
-    key: str = ""
-    ca: str = ""
-    address: str = ""  # where its 6443 is reached
-    phase: str = ""
-
-
-# Actions: what the I/O side must do. Plain values; the machine never waits for them.
-@dataclass(frozen=True)
-class Advertise:
-    role: Role
-    phase: Phase
-    leader: str = ""
-    ca: str = ""
-
-
-@dataclass(frozen=True)
-class RunRound:
-    """Ask the wire, live, who advertises this cluster; answer with round_done()."""
-
-
-@dataclass(frozen=True)
-class Prove:
-    """Run the wire proof against a server; answer with proof_done()."""
-
-    advert: NodeAdvert
-
-
-@dataclass(frozen=True)
-class Release:
-    """Write the k3s drop-in and release the gate."""
-
-    mode: ReleaseMode
-    leader: NodeAdvert | None = None
-
-
-@dataclass(frozen=True)
-class Event:
-    """A log line (and metric) worth emitting."""
-
-    name: str
-    fields: tuple[tuple[str, object], ...] = ()
-
-
-Action = Advertise | RunRound | Prove | Release | Event
 
 
 @dataclass(frozen=True)
@@ -123,19 +95,18 @@ class Timings:
 
     settle: float = const.SETTLE_WINDOW
     candidate_hold: float = const.CANDIDATE_HOLD
-    confirm: float = const.BOOTSTRAP_CONFIRM
     dead_hold: float = const.DEAD_SERVER_HOLD
+    live_ttl: float = const.LIVE_SEEN_TTL
     bootstrap_retry: float = const.BOOTSTRAP_PROVE_RETRY
     view_settle: float = const.JOIN_VIEW_SETTLE
     round_retry: float = const.ROUND_RETRY
+    join_order_wait: float = const.JOIN_ORDER_WAIT
+    stall_warn: float = const.JOIN_STALL_WARN
 
 
-@dataclass
-class _Seen:
-    advert: NodeAdvert
-    present: bool = True
-    gone_at: float = 0.0
-    expires: float = float("inf")  # adverts known only from a live round age out
+def quorum(servers: int) -> int:
+    """Supporters a bootstrapper needs, itself included: a majority of `servers`."""
+    return servers // 2 + 1
 
 
 @dataclass
@@ -146,83 +117,88 @@ class Formation:
     key: str
     servers: int
     member: Role | None = None  # SERVER or AGENT when the node held cluster state at start
+    ca_on_disk: str = ""  # a member's cluster CA hash, advertised before k3s serves it
     can_join: bool = True  # False without a token: k3s cannot join anything
+    ineligible: str = ""  # why k3s cannot run here ("" when it can): the node does not stand
+    bound: str = ""  # the key this node promised its support to ("" free; its own: stood)
+    bound_host: str = ""
     stype: str = ""
     timings: Timings = field(default_factory=Timings)
     phase: Phase = Phase.DISCOVER
     status: str = "starting"
     released: Release | None = None
-    _seen: dict[str, _Seen] = field(default_factory=dict)  # by instance name
+    view: View = field(init=False)
     _gate: AbsenceGate = field(default_factory=AbsenceGate)
     _published_at: float | None = None
-    _published_role: Role = Role.CANDIDATE
+    _published_role: Role | None = None
     _round_in_flight: bool = False
-    _round_retry_at: float = 0.0  # a failed round is asked for again no sooner than this
-    _confirm_after: float = float("inf")  # a confirm round must start after this to count
-    _confirmed: bool = False
-    _proving: str | None = None
-    _refused: set[str] = field(default_factory=set)
-    _dead_until: dict[str, float] = field(default_factory=dict)
-    _joined: NodeAdvert | None = None
+    _round_due: float = 0.0  # no round is asked for before this
+    _clean_round: float = float("-inf")  # start of the last round that heard no cluster
+    joins: Joins = field(init=False)
+    _stalled: bool = False
+    _unseen_since: float | None = None  # the node we are bound to: not live since
     _first_seen: float | None = None  # when step() first ran with any advert known
     _local_ca: str | None = None
     _advertised: Advertise | None = None
 
+    def __post_init__(self) -> None:
+        t = self.timings
+        self.view = View(self.key, v.Holds(t.candidate_hold, t.dead_hold, t.live_ttl))
+        self.joins = Joins(
+            self.key, self.servers, t.bootstrap_retry, t.dead_hold, t.join_order_wait
+        )
+
+    @property
+    def quorum(self) -> int:
+        return quorum(self.servers)
+
+    @property
+    def stalled(self) -> bool:
+        """Waiting longer than stall_warn on a node that does not serve (or is not seen)."""
+        return self._stalled and self.released is None
+
     # -- observations -------------------------------------------------------------------------
 
-    def advert_seen(self, advert: NodeAdvert) -> None:
+    def advert_seen(self, now: float, advert: NodeAdvert) -> None:
         """The browser reports an advert of another node (added or updated)."""
-        self._seen[advert.name] = _Seen(advert)
+        self.view.seen(now, advert)
 
     def advert_gone(self, now: float, name: str) -> None:
         """The browser reports an advert removed."""
-        seen = self._seen.get(name)
-        if seen is not None and seen.present:
-            seen.present = False
-            seen.gone_at = now
+        self.view.gone(now, name)
 
     def published(self, now: float, role: Role) -> None:
         """Avahi reports our advert for `role` established (probed and announced)."""
         if role == self._published_role and self._published_at is None:
             self._published_at = now
 
+    def unpublished(self) -> None:
+        """Our advert left the wire (avahi-daemon stopped or reset our entry groups)."""
+        self._published_at = None
+        self._clean_round = float("-inf")
+
     def round_done(self, started: float, adverts: list[NodeAdvert]) -> None:
-        """A live round that started at `started` saw these adverts (ours excluded)."""
+        """A live round that started at `started` heard these adverts (ours excluded)."""
         self._round_in_flight = False
-        for advert in adverts:
-            # Live evidence counts even if the browser missed it (loss): a server seen here is
-            # joined rather than only delaying the election round after round.
-            known = self._seen.get(advert.name)
-            if known is None or not known.present or known.expires != float("inf"):
-                self._seen[advert.name] = _Seen(advert, expires=started + const.LIVE_SEEN_TTL)
-        present = any(self._blocks(a) for a in adverts)
-        if self.phase == Phase.BOOTSTRAP:
-            # Only a round that started after the confirm window proves anything about it.
-            self._confirmed = started >= self._confirm_after and not present
-            return
-        self._gate.observe(started, present)
+        self.view.heard(started, adverts)
+        blocked = any(self._blocks(a) for a in adverts if a.key != self.key)
+        self._gate.observe(started, blocked)
+        if blocked:
+            self._clean_round = float("-inf")
+        elif self._published_at is not None and started >= self._published_at:
+            self._clean_round = started
 
     def round_failed(self, now: float) -> None:
         """A live round could not run: no evidence either way; another one is asked for after
         timings.round_retry (a round that fails at once, e.g. sockets refused, must not spin)."""
         self._round_in_flight = False
-        self._round_retry_at = now + self.timings.round_retry
+        self._round_due = now + self.timings.round_retry
 
     def proof_done(self, now: float, advert: NodeAdvert, ok: bool, reason: str = "") -> Event:
         """The wire proof of a server finished; returns the event to log."""
-        self._proving = None
         if ok:
-            self._joined = advert
-            return Event("wire_proof_passed", (("server", advert.host),))
-        if reason == "ca_mismatch":
-            self._refused.add(advert.name)
-            return Event("join_refused", (("server", advert.host), ("reason", reason)))
-        if advert.role == Role.BOOTSTRAP:
-            # Not serving yet: its k3s is starting. Ask again shortly, without a warning.
-            self._dead_until[advert.name] = now + self.timings.bootstrap_retry
-            return Event("bootstrap_not_serving_yet", (("server", advert.host),))
-        self._dead_until[advert.name] = now + self.timings.dead_hold
-        return Event("wire_proof_failed", (("server", advert.host), ("reason", reason)))
+            self._stalled = False
+        return self.joins.proof_done(now, advert, ok, reason)
 
     def local_api(self, ca_sha256: str) -> None:
         """The local k3s API answers on 6443, serving this CA."""
@@ -233,153 +209,215 @@ class Formation:
     def step(self, now: float) -> list[Action]:
         """Everything to do now, given what was observed; call again after any observation."""
         actions: list[Action] = []
-        if self._first_seen is None and self._seen:
+        if self._first_seen is None and self.view.known(now):
             self._first_seen = now
         if self.member is not None and self.released is None:
-            self._release(actions, Release("member"), Phase.MEMBER, "member: cluster state found")
+            self._release(actions, Release("member"), Phase.MEMBER, "member: k3s starting")
         if self.released is not None:
             self._after_release(actions)
-        elif self.phase == Phase.BOOTSTRAP:
-            self._confirm(now, actions)
-        elif (server := self._server_to_join(now)) is not None:
+            return actions
+        if self.ineligible:
+            self.phase = Phase.INELIGIBLE
+            self._advertise(actions, Advertise(Role.CANDIDATE, v.INELIGIBLE))
+            self.status = f"not standing: {self.ineligible}"
+            return actions
+        self._keep_rounds(now, actions)
+        if (server := self.joins.server(self.view, now)) is not None:
             self._join(now, server, actions)
+        elif self.bound == self.key:
+            self._stand(now, actions)
+        elif self.bound:
+            self._wait_bound(now, actions)
         else:
             self._elect(now, actions)
+        self._say_waiting(now, actions)
         return actions
 
     def wake_at(self, now: float) -> float:
         """When step() may decide something new without a new observation."""
         if self.released is not None:
             return now + const.IDLE_WAKE  # after the release only observations matter
-        candidates = [now + const.FORMATION_TICK]
+        t = self.timings
+        candidates = [now + const.FORMATION_TICK, self._round_due]
         if self._published_at is not None:
-            candidates.append(self._published_at + self.timings.settle)
-        nxt = self._gate.next_round_at()
-        if nxt is not None:
-            candidates.append(nxt)
-        candidates.append(self._confirm_after)
-        candidates.append(self._round_retry_at)
+            candidates.append(self._published_at + t.settle)
+        candidates += [self._gate.next_round_at() or now, *self.joins.wake_times()]
         if self._first_seen is not None:
-            candidates.append(self._first_seen + self.timings.view_settle)
-        future = [t for t in candidates if t > now]
+            candidates.append(self._first_seen + t.view_settle)
+        if self.joins.waiting is not None:
+            candidates.append(self.joins.waiting.since + t.stall_warn)
+        if self._unseen_since is not None:
+            candidates.append(self._unseen_since + t.stall_warn)
+        candidates.append(self.view.next_change(now) or now)
+        future = [c for c in candidates if c > now]
         return min(future) if future else now + const.FORMATION_TICK
 
     # -- the phases ---------------------------------------------------------------------------
 
     def _elect(self, now: float, actions: list[Action]) -> None:
         self.phase = Phase.DISCOVER
-        self._advertise(actions, Advertise(Role.CANDIDATE, Phase.DISCOVER))
+        live = self.view.live(now)
+        standing = [a for a in live if a.bootstrapping]
+        if standing:
+            self._bind_to(min(standing, key=lambda a: (a.key, a.name)), actions)
+            return
+        free = [a for a in live if a.free and a.key]
+        lowest = min([(self.key, self.host)] + [(a.key, a.host) for a in free])
+        self._advertise(actions, Advertise(Role.CANDIDATE, v.DISCOVER, lowest[1], vote=lowest[0]))
         if self._published_at is None:
             self.status = "discover: publishing this node's advert"
             return
-        bootstrapper = self._lowest(now, Role.BOOTSTRAP)
-        if bootstrapper is not None:
-            self._gate.reset()
-            self.status = f"waiting for bootstrap node {bootstrapper.host} to serve"
+        visible = 1 + len(free)
+        if visible < self.quorum:
+            self.status = (
+                f"waiting: {visible} of {self.servers} servers visible, {self.quorum} needed; "
+                "SUGARKUBE_SERVERS=1 for a single server"
+            )
             return
-        lower = self._lowest(now, Role.CANDIDATE)
-        if lower is not None and lower.key < self.key:
-            self._gate.reset()
-            self.status = f"waiting: {lower.host} has a lower election key and bootstraps"
+        if lowest[0] != self.key:
+            self.status = f"waiting: {lowest[1]} has the lowest election key and stands"
+            return
+        votes = 1 + sum(a.vote == self.key for a in free)
+        if votes < self.quorum:
+            self.status = f"elect: {votes} of {self.quorum} votes needed to stand"
             return
         self.phase = Phase.ELECT
-        if not self._gate.passed:
-            self._request_round(now, actions)
         settled = now >= self._published_at + self.timings.settle
         if not self._gate.passed or not settled:
             self.status = (
-                f"waiting: absence {self._gate.absent_rounds}/{self._gate.rounds_needed} "
+                f"elect: absence {self._gate.absent_rounds}/{self._gate.rounds_needed} "
                 f"for {self.stype}"
             )
             return
-        # Won: become the bootstrapper, then confirm nobody lower did the same.
-        self.phase = Phase.BOOTSTRAP
-        self._gate.reset()
-        self._confirm_after = float("inf")
-        self._confirmed = False
-        actions.append(Event("election_won", (("key", self.key),)))
-        self._advertise(actions, Advertise(Role.BOOTSTRAP, Phase.BOOTSTRAP, leader=self.host))
-        self.status = "bootstrap: confirming that no other node bootstraps"
+        actions.append(Event("election_won", (("key", self.key), ("votes", votes))))
+        self._bind_to(None, actions)
 
-    def _confirm(self, now: float, actions: list[Action]) -> None:
-        rival = self._lowest(now, Role.BOOTSTRAP)
-        server = self._server_to_join(now, bootstrappers=False)
-        if server is not None or (rival is not None and rival.key < self.key):
-            winner = server or rival
-            assert winner is not None
-            actions.append(Event("bootstrap_yielded", (("to", winner.host),)))
-            self.phase = Phase.DISCOVER
-            self._gate.reset()
-            self._advertise(actions, Advertise(Role.CANDIDATE, Phase.DISCOVER))
-            self.status = f"waiting for {winner.host} to serve"
-            return
-        if self._published_at is None:
-            return  # our bootstrap advert is not established yet
-        self._confirm_after = self._published_at + self.timings.confirm
-        if now < self._confirm_after:
-            return
-        if self._confirmed:
+    def _stand(self, now: float, actions: list[Action]) -> None:
+        self.phase = Phase.BOOTSTRAP
+        self._advertise(
+            actions, Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, self.host, vote=self.key)
+        )
+        live = self.view.live(now)
+        backing = 1 + len(v.supporters(self.key, live))
+        visible = self._published_at is not None and self._clean_round >= self._published_at
+        if backing >= self.quorum and visible and not self.joins.cluster_known(self.view, now):
             mode: ReleaseMode = "single" if self.servers == 1 else "cluster-init"
             self._release(actions, Release(mode), Phase.RELEASED, f"released: {mode}")
-        elif not self._round_in_flight and now >= self._round_retry_at:
-            self._round_in_flight = True
-            actions.append(RunRound())
+            return
+        lower = [a for a in live if a.bootstrapping and a.key < self.key]
+        if lower and backing < self.quorum:
+            winner = min(lower, key=lambda a: (a.key, a.name))
+            actions.append(Event("bootstrap_yielded", (("to", winner.host),)))
+            self._bind_to(winner, actions)
+            return
+        self.status = f"bootstrap: {backing} of {self.servers} servers agree, {self.quorum} needed"
+
+    def _wait_bound(self, now: float, actions: list[Action]) -> None:
+        self.phase = Phase.BOUND
+        self._advertise(
+            actions, Advertise(Role.CANDIDATE, v.BOUND, self.bound_host, vote=self.bound)
+        )
+        if any(a.key == self.bound for a in self.view.live(now)):
+            self._unseen_since = None
+        elif self._unseen_since is None:
+            self._unseen_since = now
+        self.status = f"bound to bootstrap node {self.bound_host}: waiting for it to serve"
+        if self._unseen_since is not None and now - self._unseen_since >= self.timings.stall_warn:
+            minutes = int((now - self._unseen_since) // 60)
+            self.status = (
+                f"bound to bootstrap node {self.bound_host}, not seen for {minutes} min: power it"
+                " on, or run `sugarkube-agent wipe --yes` here to stand again"
+            )
+            waited = now - self._unseen_since
+            self._stall(actions, self.bound_host, "bootstrap node not seen", waited)
 
     def _join(self, now: float, server: NodeAdvert, actions: list[Action]) -> None:
-        if self._joined is not None and self._joined.name == server.name:
-            mode: ReleaseMode = "join-server" if self._server_slot(now) else "join-agent"
+        self.phase = Phase.JOIN
+        joined = self.joins.joined
+        if joined is not None and joined.name == server.name:
+            slot = self.joins.server_slot(self.view, now)
+            mode: ReleaseMode = "join-server" if slot else "join-agent"
             assert self._first_seen is not None
             if mode == "join-server" and now < self._first_seen + self.timings.view_settle:
                 # A server slot is decided on the whole view: a cold browse hears the other
                 # responders within their 20-120 ms answer delay (RFC 6762 §6) of the first.
                 self.status = f"join: counting servers before joining {server.host}"
                 return
+            if mode == "join-server" and (ahead := self.joins.turn(self.view, now, server)):
+                self.status = (
+                    f"join: waiting for {ahead.host} to become a voting member first "
+                    "(etcd admits one learner at a time)"
+                )
+                return
             self._release(
                 actions, Release(mode, server), Phase.RELEASED, f"joined https://{server.host}:6443"
             )
             return
-        self.phase = Phase.JOIN
         if not self.can_join:
             self.status = f"cannot join {server.host}: no token configured (SUGARKUBE_TOKEN)"
             return
         self.status = f"join: proving {server.host}:6443"
-        if self._proving is None:
-            self._proving = server.name
+        if self.joins.proving is None:
+            self.joins.proving = server.name
             actions.append(Prove(server))
 
     def _after_release(self, actions: list[Action]) -> None:
         release = self.released
         assert release is not None
+        leader = release.leader.host if release.leader is not None else self.host
+        vote = release.leader.key if release.leader is not None else self.key
         if release.mode == "join-agent" or self.member == Role.AGENT:
-            self._advertise(actions, Advertise(Role.AGENT, Phase.SERVING, self._leader_host()))
+            self._advertise(actions, Advertise(Role.AGENT, v.SERVING, leader, vote=vote))
             self.status = "agent: joined the cluster"
             return
-        if self._local_ca is None:
-            if release.mode == "join-server":
-                # Say on the wire that this node holds a server slot while k3s starts (an
-                # in-place TXT update: no rename, so no gap in which the slot looks free).
-                self._advertise(
-                    actions, Advertise(Role.CANDIDATE, Phase.JOIN, self._leader_host())
-                )
+        if self._local_ca is not None:
+            self.phase = Phase.SERVING
+            self._advertise(
+                actions, Advertise(Role.SERVER, v.SERVING, leader, self._local_ca, vote)
+            )
+            self.status = "serving: k3s API up on 6443"
             return
-        self.phase = Phase.SERVING
-        self._advertise(
-            actions, Advertise(Role.SERVER, Phase.SERVING, self._leader_host(), self._local_ca)
-        )
-        self.status = "serving: k3s API up on 6443"
+        # Released, k3s starting: say so on the wire at once, and by an in-place TXT update
+        # where a rename (~1 s of probing, no advert) would hide that this node took a slot.
+        if release.mode == "join-server":
+            advert = Advertise(Role.CANDIDATE, v.JOINING, leader, vote=vote)
+        elif release.mode == "member":
+            advert = Advertise(Role.SERVER, v.STARTING, leader, self.ca_on_disk, vote)
+        else:
+            advert = Advertise(Role.BOOTSTRAP, v.STARTING, leader, vote=vote)
+        self._advertise(actions, advert)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _bind_to(self, target: NodeAdvert | None, actions: list[Action]) -> None:
+        """Promise our support, for good: to `target`, or to ourselves (stand)."""
+        key, host = (self.key, self.host) if target is None else (target.key, target.host)
+        self.bound, self.bound_host = key, host
+        self._gate.reset()
+        self._clean_round = float("-inf")
+        actions.append(Bind(key, host))
+        if target is None:
+            self.phase = Phase.BOOTSTRAP
+            self._advertise(actions, Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, host, vote=key))
+            self.status = "bootstrap: waiting for a quorum of supporters"
+        else:
+            self.phase = Phase.BOUND
+            self._advertise(actions, Advertise(Role.CANDIDATE, v.BOUND, host, vote=key))
+            self.status = f"bound to bootstrap node {host}: waiting for it to serve"
 
     def _release(self, actions: list[Action], release: Release, phase: Phase, status: str) -> None:
         self.released = release
         self.phase = phase
         self.status = status
         actions.append(release)
+        self._after_release(actions)
 
-    def _request_round(self, now: float, actions: list[Action]) -> None:
-        due = max(self._gate.next_round_at() or now, self._round_retry_at)
+    def _keep_rounds(self, now: float, actions: list[Action]) -> None:
+        """Rounds run back to back until the release: liveness and absence both come from them."""
+        due = max(self._gate.next_round_at() or now, self._round_due)
         if not self._round_in_flight and now >= due:
             self._round_in_flight = True
+            self._round_due = now + self.timings.round_retry
             actions.append(RunRound())
 
     def _advertise(self, actions: list[Action], advert: Advertise) -> None:
@@ -390,69 +428,34 @@ class Formation:
             self._advertised = advert
             actions.append(advert)
 
-    def _is_us(self, advert: NodeAdvert) -> bool:
-        """Our own advert. By key, not host name: two nodes may share a host name (Avahi then
-        renames one of them), and each must still see the other."""
-        return advert.key == self.key
-
     def _blocks(self, advert: NodeAdvert) -> bool:
-        """Would this live advert stop us from bootstrapping?"""
-        if self._is_us(advert) or advert.name in self._refused:
+        """Does this live advert say we must not stand (a cluster, or another standing node)
+        or, once standing, release (a cluster: another bootstrapper cannot hold a quorum)?"""
+        if not self.joins.counts(advert):
             return False
-        if advert.role == Role.SERVER:
-            return True
-        if advert.role == Role.BOOTSTRAP:
-            # While confirming, only a lower-keyed bootstrapper outranks us.
-            return self.phase != Phase.BOOTSTRAP or advert.key < self.key
-        return self.phase != Phase.BOOTSTRAP and advert.role == Role.CANDIDATE and (
-            advert.key < self.key
-        )
+        return advert.cluster_side or (advert.bootstrapping and self.bound != self.key)
 
-    def _present(self, now: float, hold: float) -> list[NodeAdvert]:
-        return [
-            s.advert for s in self._seen.values()
-            if not self._is_us(s.advert) and now < s.expires
-            and (s.present or now - s.gone_at < hold)
-        ]
+    def _say_waiting(self, now: float, actions: list[Action]) -> None:
+        """While a known server does not serve yet, the status names it; stalls warn once."""
+        waiting = self.joins.waiting
+        if self.released is not None or waiting is None:
+            return
+        advert, since, reason = waiting.advert, waiting.since, waiting.reason
+        if not any(a.name == advert.name for a in self.view.known(now)):
+            self.joins.waiting = None
+            return
+        waited = now - since
+        self.status = f"waiting for {advert.host} to serve (last proof: {reason})"
+        if waited >= self.timings.stall_warn:
+            self.status = f"waiting {int(waited // 60)} min for {advert.host} to serve " + (
+                f"(last proof: {reason})"
+            )
+            self._stall(actions, advert.host, reason, waited)
 
-    def _lowest(self, now: float, role: Role) -> NodeAdvert | None:
-        hold = self.timings.candidate_hold if role == Role.CANDIDATE else 0.0
-        found = [a for a in self._present(now, hold) if a.role == role]
-        return min(found, key=lambda a: (a.key, a.name)) if found else None
-
-    def _server_to_join(self, now: float, *, bootstrappers: bool = True) -> NodeAdvert | None:
-        # A bootstrapper whose API answers the wire proof has released with cluster-init: it
-        # is the cluster, so joining it need not wait for its rename to "(server)" (~1 s).
-        roles = (Role.SERVER, Role.BOOTSTRAP) if bootstrappers else (Role.SERVER,)
-        servers = [
-            a for a in self._present(now, 0.0)
-            if a.role in roles and a.name not in self._refused
-            and self._dead_until.get(a.name, 0.0) <= now
-        ]
-        if self._proving is not None:
-            for a in servers:
-                if a.name == self._proving:
-                    return a
-        if not servers:
-            return None
-        return min(servers, key=lambda a: (a.role != Role.SERVER, a.key, a.name))
-
-    def _server_slot(self, now: float) -> bool:
-        """Whether we join as a server: the free slots go to the lowest waiting keys."""
-        present = self._present(now, self.timings.candidate_hold)
-        # Nodes by key (a renamed node's old and new adverts share it; twins' host names don't).
-        taken = {
-            a.key or a.name for a in present
-            if (a.role in (Role.SERVER, Role.BOOTSTRAP) and a.name not in self._refused)
-            or (a.role == Role.CANDIDATE and a.phase == Phase.JOIN)
-        }
-        ahead = {
-            a.key or a.name for a in present if a.role == Role.CANDIDATE and a.key < self.key
-        }
-        return len(taken | ahead) < self.servers
-
-    def _leader_host(self) -> str:
-        release = self.released
-        if release is not None and release.leader is not None:
-            return release.leader.host
-        return self.host
+    def _stall(self, actions: list[Action], host: str, reason: str, waited: float) -> None:
+        if not self._stalled:
+            self._stalled = True
+            actions.append(
+                Event("join_stalled", (("server", host), ("reason", reason), ("s_waited",
+                                                                              round(waited))))
+            )

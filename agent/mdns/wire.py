@@ -49,8 +49,7 @@ from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf.asyncio import AsyncZeroconf
 
 from agent import const
-from agent.cluster.election import NodeAdvert
-from agent.mdns.records import RecordError, normalize_host, parse_advert, split_txt
+from agent.mdns.records import split_txt
 
 # A DNS-SD service type as records.service_type() builds it: "_<name>._tcp" or "._udp".
 _STYPE = re.compile(r"_[^.\s]{1,62}\._(tcp|udp)")
@@ -201,31 +200,6 @@ class RoundCollector:
             )
         return found
 
-
-
-def to_node_adverts(records: list[LiveRecord], own_key: str) -> list[NodeAdvert]:
-    """Other nodes' adverts among a round's records; unparsable TXT and our own key skipped.
-
-    Our own advert is recognised by its election key, not its host name: two nodes may share
-    a host name.
-    """
-    adverts = []
-    for record in records:
-        try:
-            advert = parse_advert(record.txt)
-        except RecordError:
-            continue
-        host = advert.host or normalize_host(record.host)
-        if own_key and advert.key == own_key:
-            continue
-        address = record.addresses[0] if record.addresses else advert.ip4
-        adverts.append(
-            NodeAdvert(
-                name=record.name, host=host, role=advert.role, key=advert.key, ca=advert.ca,
-                address=address, phase=advert.phase,
-            )
-        )
-    return adverts
 
 
 # --- the round on the wire ---------------------------------------------------------------------

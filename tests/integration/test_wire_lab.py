@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from agent.cluster.election import NodeAdvert
+from agent.cluster.view import NodeAdvert, to_node_adverts
 from agent.mdns.records import Role
-from agent.mdns.wire import LiveRecord, to_node_adverts
+from agent.mdns.wire import LiveRecord
 from tests.integration.helpers import PYTHON, node_env, unescape_browse, wait_for
 from tests.lab import Node
 

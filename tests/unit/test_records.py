@@ -89,11 +89,12 @@ def test_golden_layout() -> None:
     node = Advert(
         cluster="sugar", env="dev", role=Role.BOOTSTRAP, phase="electing", host="node1.local",
         leader="node2.local", ip4="192.168.50.11", ip6="fe80::1%eth0", key="0042-ab", ca=CA,
+        vote="0011-aa",
     )
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=bootstrap", b"phase=electing",
         b"leader=node2.local", b"host=node1.local", b"ip4=192.168.50.11", b"ip6=fe80::1%eth0",
-        b"v=1", b"key=0042-ab", b"ca=" + CA.encode(),
+        b"v=1", b"key=0042-ab", b"ca=" + CA.encode(), b"vote=0011-aa",
     ]
 
 
@@ -101,7 +102,7 @@ def test_empty_values_keep_their_equals_sign() -> None:
     node = Advert(cluster="sugar", env="dev", role=Role.CANDIDATE, phase="", host="")
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=candidate", b"phase=", b"leader=",
-        b"host=", b"ip4=", b"ip6=", b"v=1", b"key=", b"ca=",
+        b"host=", b"ip4=", b"ip6=", b"v=1", b"key=", b"ca=", b"vote=",
     ]
 
 

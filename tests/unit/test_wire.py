@@ -12,7 +12,7 @@ from zeroconf._dns import DNSQuestion, DNSRecord
 from zeroconf._protocol.incoming import DNSIncoming
 
 from agent import const
-from agent.cluster.election import NodeAdvert
+from agent.cluster.view import NodeAdvert, to_node_adverts
 from agent.mdns.records import Role, split_txt
 from agent.mdns.wire import (
     LiveRecord,
@@ -20,7 +20,6 @@ from agent.mdns.wire import (
     WireError,
     _query,
     live_round,
-    to_node_adverts,
 )
 
 STYPE = "_k3s-sugar-dev._tcp"

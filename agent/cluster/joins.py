@@ -1,0 +1,122 @@
+"""Joining a cluster that exists, pure: which server, when, and as a server or an agent.
+
+- A server is joined only once a wire proof shows it serving (agent/cluster/probe.py). A proof
+  refused for a CA mismatch refuses that advert for good; a server that claims to serve but fails
+  is held down for `dead_hold`; one still starting (a released bootstrapper, a restarting member)
+  is asked again after `retry`, and the node says whom it waits for.
+- Servers or agents: a joiner takes a server slot while the servers, released joiners and
+  bootstrappers it knows, and the live candidates with lower keys (they join first), number
+  fewer than `servers`.
+- Server joins go one at a time, in key order: etcd admits one learner at a time ("too many
+  learner members in cluster"; k3s before v1.26.5/v1.27.2 exits on it). A server joiner waits
+  for every server that does not serve yet (a joiner still a learner, a member restarting) and
+  every live candidate with a lower key, each for at most `order_wait` since it first saw it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.cluster import view as v
+from agent.cluster.actions import Event
+from agent.cluster.view import NodeAdvert, View
+from agent.mdns.records import Role
+
+
+@dataclass
+class Waiting:
+    """A server that does not serve yet, since when, and its last proof's reason."""
+
+    advert: NodeAdvert
+    since: float
+    reason: str
+
+
+@dataclass
+class Joins:
+    """The join half of a node's formation; the election asks it and feeds it proofs."""
+
+    key: str
+    servers: int
+    retry: float  # s before a starting server is proven again
+    dead_hold: float  # s a server that claims to serve but fails is not proven again
+    order_wait: float  # s a server join waits at most for each one ahead of it
+    proving: str | None = None  # instance name under proof
+    joined: NodeAdvert | None = None  # the server whose proof passed
+    waiting: Waiting | None = None
+    _refused: set[str] = field(default_factory=set)
+    _retry_at: dict[str, float] = field(default_factory=dict)
+    _blocked_since: dict[str, float] = field(default_factory=dict)
+
+    def proof_done(self, now: float, advert: NodeAdvert, ok: bool, reason: str) -> Event:
+        """Record a wire proof's outcome; the event to log."""
+        self.proving = None
+        if ok:
+            self.joined, self.waiting = advert, None
+            return Event("wire_proof_passed", (("server", advert.host),))
+        if reason == "ca_mismatch":
+            self._refused.add(advert.name)
+            return Event("join_refused", (("server", advert.host), ("reason", reason)))
+        if advert.phase != v.SERVING:
+            self._retry_at[advert.name] = now + self.retry
+            same = self.waiting is not None and self.waiting.advert.key == advert.key
+            since = self.waiting.since if self.waiting is not None and same else now
+            self.waiting = Waiting(advert, since, reason or "refused")
+            return Event("server_not_serving_yet", (("server", advert.host), ("reason", reason)))
+        self._retry_at[advert.name] = now + self.dead_hold
+        return Event("wire_proof_failed", (("server", advert.host), ("reason", reason)))
+
+    def counts(self, advert: NodeAdvert) -> bool:
+        """Not an advert refused for serving another CA."""
+        return advert.name not in self._refused
+
+    def _provable(self, now: float, advert: NodeAdvert) -> bool:
+        return self.counts(advert) and self._retry_at.get(advert.name, 0.0) <= now
+
+    def server(self, view: View, now: float) -> NodeAdvert | None:
+        """The server to prove or join now: the one under proof, else serving ones first."""
+        servers = [a for a in view.known(now) if a.joinable and self._provable(now, a)]
+        for a in servers:
+            if a.name == self.proving:
+                return a
+        if not servers:
+            return None
+        return min(servers, key=lambda a: (a.phase != v.SERVING, a.role != Role.SERVER, a.key))
+
+    def cluster_known(self, view: View, now: float) -> bool:
+        """An advert that says a cluster exists, listed or held, unless held down after a
+        failed proof (a dead server in Avahi's cache must not block forever)."""
+        return any(a.cluster_side and self._provable(now, a) for a in view.adverts(now))
+
+    def server_slot(self, view: View, now: float) -> bool:
+        """Whether we join as a server: the free slots go to the lowest waiting keys."""
+        taken = {
+            a.ident for a in view.adverts(now)
+            if self.counts(a) and (a.bootstrapping or (a.cluster_side and a.role != Role.AGENT))
+        }
+        return len(taken | {a.ident for a in self._ahead(view, now)}) < self.servers
+
+    def _ahead(self, view: View, now: float) -> list[NodeAdvert]:
+        """Live candidates with lower keys: they take server slots, and join, before us."""
+        return [
+            a for a in view.live(now)
+            if a.role == Role.CANDIDATE and a.phase in (v.DISCOVER, v.BOUND) and a.key < self.key
+        ]
+
+    def turn(self, view: View, now: float, server: NodeAdvert) -> NodeAdvert | None:
+        """Whom a server join waits for, or None: our turn."""
+        pending = [
+            a for a in view.known(now)
+            if a.ident != server.ident and a.cluster_side and a.role != Role.AGENT
+            and a.phase != v.SERVING and self.counts(a)
+        ] + self._ahead(view, now)
+        for a in sorted(pending, key=lambda a: a.key):
+            since = self._blocked_since.setdefault(a.ident, now)
+            if now - since < self.order_wait:
+                return a
+        return None
+
+    def wake_times(self) -> list[float]:
+        """When a hold-down or an order wait ends."""
+        ends = [since + self.order_wait for since in self._blocked_since.values()]
+        return [*self._retry_at.values(), *ends]
