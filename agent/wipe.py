@@ -1,8 +1,9 @@
 """`sugarkube-agent wipe`: make this node fresh again, and prove its adverts left the wire.
 
 Steps: stop k3s (systemd), ask the running daemon to withdraw its adverts (goodbye packets),
-remove k3s state, this node's tokens and our drop-in, then run the double-absence gate against
-our own host name: two live rounds >= 1 s apart in which no advert names this host. Idempotent.
+remove k3s state, this node's tokens, our drop-in and its election ballot, then run the
+double-absence gate against our own host name: two live rounds >= 1 s apart in which no advert
+names this host. Idempotent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agent import const
 from agent.cluster import k3s
 from agent.cluster.gate import AbsenceGate
 from agent.config import Settings
+from agent.daemon import ballot
 from agent.daemon.control import request
 from agent.daemon.netlink import choose_interface
 from agent.mdns import wire
@@ -35,6 +37,11 @@ async def wipe(settings: Settings, out_lines: list[str], root: Path = Path("/"))
     if marker.exists():
         marker.unlink()
         removed.append(str(const.GATE_RELEASED_MARKER))
+    try:
+        if await asyncio.to_thread(ballot.remove, root):  # its key and promises: start afresh
+            removed.append(str(const.BALLOT_FILE))
+    except ballot.BallotError as err:
+        return const.EXIT_FAIL, str(err)
     out_lines.append(f"removed: {', '.join(removed)}" if removed else "removed: nothing left")
     iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
     return await confirm_absent(

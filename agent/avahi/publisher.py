@@ -85,7 +85,7 @@ class Publisher(WantedAdvert):
         if self._claimed:
             self._kick.set()  # now the pointers
             return
-        self.established.clear()
+        self._lost()
         if state == defs.EntryGroupState.COLLISION:
             self._log.event("advert_collision", "notice", name=self._name)
             self._collided = True
@@ -106,7 +106,7 @@ class Publisher(WantedAdvert):
             if self.on_established is not None:
                 self.on_established(self._name)
             return
-        self.established.clear()
+        self._lost()
         if state == defs.EntryGroupState.FAILURE:
             self._log.event("advert_failed", "warning", name=self._name, error=error)
             self._pointed = None
@@ -122,7 +122,7 @@ class Publisher(WantedAdvert):
         self._claim = self._pointers = None
         self._published = self._pointed = None
         self._claimed = False
-        self.established.clear()
+        self._lost()
 
     # -- reconcile --------------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ class Publisher(WantedAdvert):
                 await self._call(path, "Reset")
         self._published = self._pointed = None
         self._claimed = False
-        self.established.clear()
+        self._lost()
 
     async def _free(self) -> None:
         """Withdraw: pointers first, so peers drop the PTRs before what they lead to."""
@@ -190,7 +190,7 @@ class Publisher(WantedAdvert):
         if self._pointers is not None and self._pointed is not None:
             await self._call(self._pointers, "Reset")
             self._pointed = None
-        self.established.clear()
+        self._lost()
         if self._claim is None:
             self._claim = await self._new_group(self._on_claim_signal)
         for _ in range(_COLLISION_RENAMES_MAX):

@@ -36,6 +36,7 @@ K3S_STATE = "var/lib/rancher/k3s"
 SERVER_DB = K3S_STATE + "/server/db"
 AGENT_DIR = K3S_STATE + "/agent"
 AGENT_MARKER = AGENT_DIR + "/client-kubelet.crt"
+SERVER_CA = K3S_STATE + "/server/tls/server-ca.crt"  # what /cacerts serves
 CONFIG = "etc/rancher/k3s/config.yaml"
 DROPIN_DIR = "etc/rancher/k3s/config.yaml.d"
 OUR_DROPIN = DROPIN_DIR + "/50-sugarkube.yaml"
@@ -163,6 +164,14 @@ def membership(root: Path) -> Membership:
     if (root / AGENT_MARKER).is_file():
         return Membership.AGENT
     return Membership.NONE
+
+
+def ca_on_disk(root: Path) -> str:
+    """sha256 of the cluster CA a server holds on disk, as /cacerts will serve it; "" if none."""
+    try:
+        return ca_hash((root / SERVER_CA).read_bytes())
+    except (OSError, CABundleError):
+        return ""
 
 
 def config_files(root: Path, *, include_ours: bool = True) -> list[Path]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -22,17 +22,19 @@ from agent import const
 from agent.avahi import defs
 from agent.cluster import k3s
 from agent.cluster.election import (
+    Action,
     Advertise,
-    Event,
+    Bind,
     Formation,
-    NodeAdvert,
     Prove,
     Release,
     RunRound,
 )
 from agent.cluster.peers import Change, PeerTable
 from agent.cluster.probe import RefusalReason, choose_address, wire_proof
+from agent.cluster.view import NodeAdvert, to_node_adverts
 from agent.config import Settings
+from agent.daemon import ballot
 from agent.daemon.control import DaemonState, PeerInfo
 from agent.daemon.metrics import Metrics
 from agent.daemon.netlink import Interface, InterfaceEvent
@@ -47,12 +49,15 @@ from agent.mdns.records import (
     instance_name,
     service_type,
 )
+from agent.verify import prereq
+from agent.verify.probe import Probe
 
 
 class AdvertPublisher(Protocol):
     """What the runner needs of a publisher: avahi/publisher.py, or mdns/fallback.py's."""
 
     on_established: Callable[[str], None] | None
+    on_lost: Callable[[], None] | None
 
     @property
     def name(self) -> str: ...
@@ -115,30 +120,57 @@ class FormationRunner:
         self._failure: BaseException | None = None
         self._avahi = avahi
         self._table = PeerTable(settings.cluster, settings.env)
+        damaged = ""
+        try:
+            stored = ballot.load(root)
+        except ballot.BallotError as err:
+            stored, damaged = None, str(err)
+            log.event("ballot_damaged", "error", error=damaged)
+        self._ballot = stored or ballot.Ballot.new()
+        member = self._membership()
         self.machine = Formation(
             host=self._host,
-            key=f"{secrets.randbits(64):016x}",
+            key=self._ballot.key,
             servers=settings.servers,
-            member=self._membership(),
+            member=member,
+            ca_on_disk=k3s.ca_on_disk(root) if member == Role.SERVER else "",
             stype=self._stype,
             can_join=self._token is not None,
+            ineligible=damaged,
+            bound=self._ballot.bound,
+            bound_host=self._ballot.bound_host,
         )
 
     def _membership(self) -> Role | None:
+        """SERVER or AGENT when this node released before (this boot or an earlier one) or
+        holds k3s state: it is then a member, whatever k3s is doing now."""
         marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+        mode = self._ballot.released
         with contextlib.suppress(OSError):
-            mode = marker.read_text().strip()
-            return Role.AGENT if mode == "join-agent" else Role.SERVER
+            mode = marker.read_text().strip() or mode
         held = k3s.membership(self._root)
-        if held == k3s.Membership.SERVER:
-            return Role.SERVER
-        if held == k3s.Membership.AGENT:
+        if held == k3s.Membership.AGENT or mode == "join-agent":
             return Role.AGENT
+        if held == k3s.Membership.SERVER or mode:
+            return Role.SERVER
         return None
+
+    async def _check_prerequisites(self) -> None:
+        """A fresh node that cannot run k3s does not stand (members release whatever this says:
+        their k3s state is theirs to keep)."""
+        if self.machine.member is not None or self.machine.ineligible:
+            return
+        probe = dataclasses.replace(Probe.system(), root=self._root)
+        reason = await asyncio.to_thread(prereq.blocking, probe)
+        if reason:
+            self.machine.ineligible = f"k3s cannot run here: {reason}"
+            self._log.event("not_standing", "warning", reason=reason)
 
     async def run(self) -> None:
         """Form or join the cluster, then keep the advert and the peer table current."""
         self._publisher.on_established = self._established
+        self._publisher.on_lost = self._lost
+        await self._check_prerequisites()
         self._spawn(self._browse())
         while True:
             if self._failure is not None:
@@ -198,9 +230,17 @@ class FormationRunner:
 
     # -- actions ------------------------------------------------------------------------------
 
-    async def _act(self, action: Advertise | RunRound | Prove | Release | Event) -> None:
+    async def _act(self, action: Action) -> None:
         if isinstance(action, Advertise):
             self._advertise(action)
+        elif isinstance(action, Bind):
+            # On disk before the advert that shows the promise: a promise forgotten at a
+            # restart could be given twice. If it cannot be written the daemon stops here.
+            self._ballot = dataclasses.replace(
+                self._ballot, bound=action.key, bound_host=action.host
+            )
+            await asyncio.to_thread(ballot.save, self._root, self._ballot)
+            self._log.event("bound", "notice", to=action.host, own=action.key == self.machine.key)
         elif isinstance(action, RunRound):
             if self._absence_started is None:
                 self._absence_started = time.monotonic()
@@ -212,14 +252,16 @@ class FormationRunner:
         else:
             if action.name == "election_won" and self._absence_started is not None:
                 self._metrics.absence_gate(time.monotonic() - self._absence_started)
-            self._log.event(action.name, "notice", **dict(action.fields))
+            level: Level = "warning" if action.name == "join_stalled" else "notice"
+            self._log.event(action.name, level, **dict(action.fields))
 
     def _advertise(self, action: Advertise) -> None:
         self._last_advertise = action
         advert = Advert(
             cluster=self._settings.cluster, env=self._settings.env, role=action.role,
-            phase=action.phase.value, host=self._host, leader=action.leader,
+            phase=action.phase, host=self._host, leader=action.leader,
             ip4=self._iface.ip4, ip6=self._iface.ip6, key=self.machine.key, ca=action.ca,
+            vote=action.vote,
         )
         name = instance_name(
             self._settings.cluster, self._settings.env, self._hostname, action.role
@@ -238,6 +280,11 @@ class FormationRunner:
         if role is not None:
             self.machine.published(time.monotonic(), role)
             self._wake.set()
+
+    def _lost(self) -> None:
+        """Our advert left the wire: what the machine proved about its visibility is void."""
+        self.machine.unpublished()
+        self._wake.set()
 
     async def _round(self) -> None:
         started = time.monotonic()
@@ -260,7 +307,7 @@ class FormationRunner:
                 self.machine.round_failed(time.monotonic())  # the link went down meanwhile
                 self._wake.set()
                 return
-            adverts = wire.to_node_adverts(records, self.machine.key)
+            adverts = to_node_adverts(records, self.machine.key)
             self.machine.round_done(started, adverts)
             self._log.event(
                 "absence_round", "debug", seen=len(adverts),
@@ -291,7 +338,7 @@ class FormationRunner:
         fields = dict(event.fields)
         if result is not None:
             fields |= {"ms_elapsed": round(result.ms_elapsed), "evidence": result.evidence}
-        quiet = event.name == "bootstrap_not_serving_yet"
+        quiet = event.name == "server_not_serving_yet"
         level: Level = "info" if ok else "debug" if quiet else "warning"
         self._log.event(event.name, level, **fields)
         self._wake.set()
@@ -328,6 +375,10 @@ class FormationRunner:
                     node_labels=(f"sugarkube.io/cluster={self._settings.cluster}",),
                 ),
             )
+        if release.mode != "member" and not self._ballot.released:
+            # Released on disk: after a reboot this node is a member even if k3s never ran.
+            self._ballot = dataclasses.replace(self._ballot, released=release.mode)
+            ballot.save(self._root, self._ballot)
         marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
         with contextlib.suppress(OSError):
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -393,9 +444,9 @@ class FormationRunner:
         if change.kind == "ignored":
             return
         a = peer.advert
-        self.machine.advert_seen(
-            NodeAdvert(change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase)
-        )
+        self.machine.advert_seen(now, NodeAdvert(
+            change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote
+        ))
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -422,6 +473,7 @@ class FormationRunner:
             self._metrics.gate_released(m.released is not None)
             self._metrics.avahi_up(self._avahi == defs.ServerState.RUNNING)
             self._metrics.peers(Counter(p.role for p in peers))
+            self._metrics.join_stalled(m.stalled)
             if snap.status != status:
                 self._log.event("phase", phase=m.phase.value, status=status)
             await self._state.update(

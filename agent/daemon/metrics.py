@@ -95,6 +95,12 @@ class Metrics:
             "1 for each verifier check's status in the last run, 0 for its other statuses.",
             ["check", "status"], registry=registry,
         )
+        self._stalled = Gauge(
+            "sugarkube_join_stalled",
+            "1 while the node has waited longer than the warning threshold for a server or "
+            "bootstrap node to serve, else 0.",
+            registry=registry,
+        )
         self._refused = Counter(
             "sugarkube_join_refused", "Servers refused at the wire proof, by reason.",
             ["reason"], registry=registry,
@@ -185,6 +191,11 @@ class Metrics:
             for status in STATUSES:
                 self._check.labels(check, status).set(1 if status == current else 0)
         self._checks = set(latest)
+        self._rendered = None
+
+    def join_stalled(self, stalled: bool) -> None:
+        """Whether joining waits on a node that has not served for minutes."""
+        self._stalled.set(1 if stalled else 0)
         self._rendered = None
 
     def join_refused(self, reason: str) -> None:

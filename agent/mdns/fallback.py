@@ -181,7 +181,7 @@ class StaticPublisher(WantedAdvert):
     def set(self, advert: Advertisement | None) -> None:
         """Want advert published (None: withdrawn); established again once a round hears it."""
         if advert != self._wanted:
-            self.established.clear()
+            self._lost()
         super().set(advert)
 
     async def run(self) -> None:

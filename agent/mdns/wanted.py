@@ -24,6 +24,14 @@ class WantedAdvert:
         self._synced = asyncio.Event()
         self.established = asyncio.Event()  # the advert is on the wire, as Avahi or a round says
         self.on_established: Callable[[str], None] | None = None  # called with the name
+        self.on_lost: Callable[[], None] | None = None  # the advert left the wire
+
+    def _lost(self) -> None:
+        """The advert is no longer established: say so once."""
+        if self.established.is_set():
+            self.established.clear()
+            if self.on_lost is not None:
+                self.on_lost()
 
     @property
     def name(self) -> str:

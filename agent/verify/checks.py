@@ -28,6 +28,18 @@ from agent.verify.result import (
 )
 
 CMDLINE_FLAGS = ("cgroup_memory=1", "cgroup_enable=memory")
+
+
+def memory_controller(probe: Probe) -> tuple[bool, str]:
+    """Whether the memory cgroup controller is enabled, as k3s judges it, and where that was
+    read: cgroup v2's cgroup.controllers, else cgroup v1's /proc/cgroups `enabled` column."""
+    v2 = probe.read_optional("/sys/fs/cgroup/cgroup.controllers")
+    if v2 is not None:
+        return "memory" in parse.cgroup2_controllers(v2), "cgroup v2"
+    v1 = probe.read_optional("/proc/cgroups")
+    if v1 is None:
+        raise Unavailable("neither /sys/fs/cgroup/cgroup.controllers nor /proc/cgroups exists")
+    return "memory" in parse.cgroup1_enabled(v1), "cgroup v1"
 PROXY_DROPIN = "/etc/rancher/k3s/config.yaml.d/10-kube-proxy.yaml"
 K3S_KUBECONFIG = "/etc/rancher/k3s/k3s.yaml"
 ETCD_DIR = "/var/lib/rancher/k3s/server/db"
@@ -44,14 +56,7 @@ def _cmdline_txt(probe: Probe) -> str:
 def cgroup_memory(probe: Probe) -> Verdict:
     """The memory cgroup controller is on and /proc/cmdline carries the Pi's enabling flags."""
     cmdline = parse.cmdline_tokens(probe.read("/proc/cmdline"))
-    v2 = probe.read_optional("/sys/fs/cgroup/cgroup.controllers")
-    if v2 is not None:
-        enabled, where = "memory" in parse.cgroup2_controllers(v2), "cgroup v2"
-    else:
-        v1 = probe.read_optional("/proc/cgroups")
-        if v1 is None:
-            raise Unavailable("neither /sys/fs/cgroup/cgroup.controllers nor /proc/cgroups exists")
-        enabled, where = "memory" in parse.cgroup1_enabled(v1), "cgroup v1"
+    enabled, where = memory_controller(probe)
     missing = [flag for flag in CMDLINE_FLAGS if flag not in cmdline]
     if enabled and not missing:
         return passed(
@@ -115,7 +120,7 @@ def time_sync(probe: Probe) -> Verdict:
     raise Unavailable(f"{reason}; no /run/systemd/timesync state either")
 
 
-def _nft_usable(probe: Probe, source: str) -> Verdict:
+def nft_usable(probe: Probe, source: str) -> Verdict:
     """nftables mode: pass when `nft list tables` works."""
     try:
         result = probe.run("nft", "list", "tables")
@@ -149,26 +154,33 @@ def _iptables_usable(probe: Probe, source: str | None) -> Verdict:
     return passed(f"iptables mode ({label}) with iptables ({backend})")
 
 
-def kube_proxy_dataplane(probe: Probe) -> Verdict:
-    """kube-proxy's mode (K3S_KUBE_PROXY_MODE, else the drop-in) has a dataplane that works."""
+def proxy_mode(probe: Probe) -> tuple[str | None, str | None]:
+    """kube-proxy's mode and where it was set: K3S_KUBE_PROXY_MODE, else our drop-in; (None,
+    None) when neither sets one (k3s's default, iptables). CheckFailed when one is unusable."""
     text = probe.read_optional(PROXY_DROPIN)
     dropin = None if text is None else parsed(PROXY_DROPIN, parse.dropin_proxy_mode, text)
     override = probe.env.get("K3S_KUBE_PROXY_MODE", "").strip()
     if override:
         mode = parse.proxy_mode(override)
         if mode is None:
-            return failed(f"K3S_KUBE_PROXY_MODE={override[:20]!r} is neither nftables nor iptables")
-        source: str | None = "K3S_KUBE_PROXY_MODE"
-    elif dropin is not None:
-        mode, source = dropin, "10-kube-proxy.yaml"
-    elif text is not None:
-        return failed(
+            raise CheckFailed(
+                f"K3S_KUBE_PROXY_MODE={override[:20]!r} is neither nftables nor iptables"
+            )
+        return mode, "K3S_KUBE_PROXY_MODE"
+    if dropin is not None:
+        return dropin, "10-kube-proxy.yaml"
+    if text is not None:
+        raise CheckFailed(
             f"{PROXY_DROPIN} sets no proxy-mode; expected kube-proxy-arg: [proxy-mode=nftables]"
         )
-    else:
-        mode, source = None, None
+    return None, None
+
+
+def kube_proxy_dataplane(probe: Probe) -> Verdict:
+    """kube-proxy's mode (K3S_KUBE_PROXY_MODE, else the drop-in) has a dataplane that works."""
+    mode, source = proxy_mode(probe)
     if mode == "nftables":
-        return _nft_usable(probe, source or "")
+        return nft_usable(probe, source or "")
     return _iptables_usable(probe, source)
 
 

@@ -27,6 +27,7 @@ DESIGN_FAMILIES = {  # DESIGN.md §A "Observability", as families in the text fo
     "sugarkube_link_up": "gauge",  # issue 5: "when the link goes down, say so in metrics"
     "sugarkube_verifier_check": "gauge",
     "sugarkube_join_refused_total": "counter",
+    "sugarkube_join_stalled": "gauge",  # issue 10 rule 5: joiners waiting on a silent bootstrapper
     "sugarkube_agent_info": "gauge",
 }
 
@@ -88,6 +89,7 @@ def test_a_fresh_daemon_shows_every_phase_role_and_reason_at_zero(metrics: Metri
     }
     assert set(refused.values()) == {0.0}
     assert samples[one("sugarkube_gate_released")] == 0.0
+    assert samples[one("sugarkube_join_stalled")] == 0.0
     assert samples[one("sugarkube_avahi_up")] == 0.0
     assert samples[one("sugarkube_mdns_discovery_duration_seconds_count")] == 0.0
     assert series(metrics, "sugarkube_verifier_check") == {}
@@ -97,7 +99,8 @@ def test_a_fresh_daemon_shows_every_phase_role_and_reason_at_zero(metrics: Metri
 
 def test_the_phases_are_the_documented_ones() -> None:
     assert set(PHASES) == {
-        "member", "discover", "elect", "bootstrap", "join", "released", "serving", "wiped"
+        "member", "discover", "elect", "bootstrap", "bound", "join", "ineligible", "released",
+        "serving", "wiped",
     }
     assert set(ROLES) == {"candidate", "bootstrap", "server", "agent"}
     assert set(STATUSES) == {"pass", "fail", "skip"}
