@@ -54,9 +54,10 @@ def test_advert_seen_under_both_types_with_exact_txt(lab_factory, tmp_path: Path
         expected = [
             t.decode()
             for t in encode_txt(
-                Advert(
+                Advert(  # alone, it votes for itself (election.py, rule 2)
                     cluster="sugar", env="dev", role=Role.CANDIDATE, phase="discover",
-                    host="node1.local", ip4=node1.addr, ip6=node_ip6(node1), key=key,
+                    host="node1.local", leader="node1.local", ip4=node1.addr,
+                    ip6=node_ip6(node1), key=key, vote=key,
                 )
             )
         ]

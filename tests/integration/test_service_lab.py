@@ -69,7 +69,7 @@ def test_notify_ready_status_watchdog_stopping(lab_factory, tmp_path: Path) -> N
     try:
         agent = Agent(node, tmp_path / "agent.log", env={
             "SUGARKUBE_TOKEN": TOKEN, "NOTIFY_SOCKET": "/var/lib/sugarkube/notify.sock",
-            "WATCHDOG_USEC": "400000",
+            "WATCHDOG_USEC": "400000", "SUGARKUBE_SERVERS": "1",
         })
         agent.wait_event("election_won", 20)
         messages = notify.drain()
