@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -90,9 +88,7 @@ def absence(runs: int) -> list[Figure]:
             server = PiNode(node1, Path(tmp), SUGARKUBE_SERVERS="1").start()
             wait_formed([server], 30)
             assert server.agent is not None
-            os.kill(server.agent.proc.pid, signal.SIGKILL)
-            os.kill(server.k3s.pid, signal.SIGKILL)
-            node1.kill_avahi_hard()
+            server.power_cut()
             killed = time.monotonic()
             _absence_ms(node2, "node1.local")
             crashed.append((time.monotonic() - killed) * 1000)  # incl. the probe's start-up

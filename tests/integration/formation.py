@@ -1,54 +1,186 @@
-"""A lab node as a Pi would run it: the agent, and k3s (the stand-in) gated on `agent gate`."""
+"""A lab node as a Pi runs it, and what etcd says about the cluster such nodes formed.
+
+PiNode: the agent, and k3s (the stand-in, tests/lab/k3s/) gated on `agent gate` and restarted
+as systemd restarts k3s.service; power_cut() and boot() for a node that loses power and comes
+back with its disk. etcd_status() and assert_one_cluster(): "one cluster" is what etcd says.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
+import shutil
+import signal
+import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from tests.integration.helpers import PYTHON, Agent, node_env, wait_for
+from agent.cluster import k3s
+from tests.integration.helpers import PYTHON, Agent, node_env, parse_event, wait_for
 from tests.lab import Lab, Node
-from tests.lab.k3s_standin import ca_of
+from tests.lab.k3s.const import AGENT_CA, CA_CERT, CLIENT_TIMEOUT
 
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "lab-token-0123456789"
-# The k3s unit's ExecStartPre, then k3s itself: the stand-in runs only once the gate released;
-# a node released as an agent runs it as `k3s agent` (in a real image: k3s-agent.service).
-K3S_UNIT = (
-    f"{PYTHON} -m agent gate --timeout 120 && "
+GATE_TIMEOUT = 120  # s, the gate drop-in's `sugarkube-agent gate --timeout`
+RESTART_SEC = 5.0  # s, k3s.service's RestartSec=5s (k3s's install.sh writes Restart=always)
+UNIT_STARTS = 40  # the lab unit gives up after this many starts (~4 min of 5 s restarts)
+# The lab's stand-in timings (a real Pi: 20-60 s to serve, a 15 s learner tick; tests/lab/k3s):
+# short enough for many tests, long enough that joins overlap and learners wait their turn.
+LAB_SERVE_DELAY = 3.0  # s from the stand-in's start to listening on 6443
+LAB_LEARNER_TICK = 2.0  # s between the etcd leader's promotion attempts
+KILL_TIMEOUT = 10.0  # s for SIGKILLed processes to be gone
+ETCDCTL = ("etcdctl", "--endpoints", "http://127.0.0.1:2379", "--dial-timeout", "2s",
+           "--command-timeout", "5s")  # fmt: skip
+
+
+GATED_START = (
+    f"{PYTHON} -m agent gate --timeout {GATE_TIMEOUT} && "
     "if grep -q join-agent /run/sugarkube/gate-released; "
-    f"then exec {PYTHON} -m tests.lab.k3s_standin --agent; "
-    f"else exec {PYTHON} -m tests.lab.k3s_standin; fi"
+    f"then exec {PYTHON} -m tests.lab.k3s_standin agent; "
+    f"else exec {PYTHON} -m tests.lab.k3s_standin server; fi"
 )
 
 
-class PiNode:
-    """One node's agent and gated k3s stand-in, with their logs."""
+def k3s_unit(
+    start: str = GATED_START, starts: int = UNIT_STARTS, restart_sec: float = RESTART_SEC
+) -> str:
+    """k3s.service for `sh -c`: START (the gate, as ExecStartPre, then `k3s server|agent`).
 
-    def __init__(self, node: Node, logs: Path, token: str = TOKEN, **env: str) -> None:
+    As Restart=always with RestartSec: whatever ended a start (the gate timed out, k3s was
+    refused), the next one begins RESTART_SEC s later, STARTS times at most. A SIGTERM to the
+    shell or its group stops the start in progress and ends the loop; a SIGKILL of the group
+    (the shell is its leader) takes everything, etcd included. START must not contain `'`.
+    """
+    return f"""stop=
+trap 'trap "" TERM INT; stop=1; kill -TERM 0' TERM INT
+n=0
+while :; do
+  n=$((n + 1))
+  sh -c '{start}' & child=$!
+  wait $child; rc=$?
+  if [ -n "$stop" ]; then wait $child; exit 0; fi
+  if [ $n -ge {starts} ]; then echo "k3s-unit event=gave_up starts=$n rc=$rc" >&2; exit 1; fi
+  echo "k3s-unit event=restarting start=$n rc=$rc in_s={restart_sec:g}" >&2
+  sleep {restart_sec:g} & child=$!
+  wait $child
+  if [ -n "$stop" ]; then exit 0; fi
+done
+"""
+
+
+K3S_UNIT = k3s_unit()
+
+
+def _events(path: Path, offset: int, name: str) -> list[dict[str, str]]:
+    """Every `event=NAME` line of log PATH from byte OFFSET on, as key=value dicts."""
+    text = path.read_bytes()[offset:].decode(errors="replace") if path.exists() else ""
+    return [e for e in map(parse_event, text.splitlines()) if e.get("event") == name]
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process is still in process group PGID."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
+                    return True
+    return False
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group PROC leads (while PROC is unreaped its PGID is ours)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_group_gone(proc: subprocess.Popen[bytes]) -> None:
+    proc.wait(KILL_TIMEOUT)
+    wait_for(f"process group {proc.pid} gone", lambda: not _group_alive(proc.pid), KILL_TIMEOUT)
+
+
+class PiNode:
+    """One node's agent and gated, restarting k3s stand-in, with their logs."""
+
+    def __init__(
+        self,
+        node: Node,
+        logs: Path,
+        token: str = TOKEN,
+        *,
+        serve_delay: float = LAB_SERVE_DELAY,
+        learner_tick: float = LAB_LEARNER_TICK,
+        **env: str,
+    ) -> None:
         self.node = node
         self.logs = logs
-        self.env = {"SUGARKUBE_TOKEN": token, **env}
+        self.env = {
+            "SUGARKUBE_TOKEN": token,
+            "K3S_STANDIN_SERVE_DELAY": f"{serve_delay:g}",
+            "K3S_STANDIN_LEARNER_TICK": f"{learner_tick:g}",
+            **env,
+        }
         self.agent: Agent | None = None
         self.k3s_log = logs / f"{node.ns}-k3s.log"
+        self.agent_log = logs / f"{node.ns}-agent.log"
+        self._k3s_from = self._agent_from = 0
 
     def start(self) -> PiNode:
-        self.agent = Agent(self.node, self.logs / f"{self.node.ns}-agent.log", env=self.env)
+        """Power on: the agent and the k3s unit (PID of its process group leader: `k3s.pid`)."""
+        if self.node.avahi_pid() is None:
+            self.node.start_avahi()
+        self._k3s_from, self._agent_from = _size(self.k3s_log), _size(self.agent_log)
+        self.agent = Agent(self.node, self.agent_log, env=self.env)
         self.k3s = self.node.spawn("sh", "-c", K3S_UNIT, log=self.k3s_log, env=node_env(**self.env))
         return self
 
+    boot = start
+
+    def power_cut(self) -> None:
+        """Pull the plug: SIGKILL the agent, the k3s unit's group (etcd too) and avahi-daemon.
+
+        The disk stays; /run is a tmpfs, so what the agent kept there goes, as at a reboot.
+        avahi-daemon goes first: alive even for a moment after the agent, it would withdraw
+        the agent's entry groups with goodbye packets, which a dead node never sends.
+        """
+        self.node.kill_avahi_hard()
+        groups = [self.k3s, *([self.agent.proc] if self.agent is not None else [])]
+        for proc in groups:
+            _kill_group(proc)
+        for proc in groups:
+            _wait_group_gone(proc)
+        run = self.node.path("/run/sugarkube")
+        for child in run.iterdir() if run.is_dir() else ():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
     def released(self) -> dict[str, str] | None:
-        assert self.agent is not None
-        events = self.agent.events("gate_released")
+        """The gate_released event of this boot, if any."""
+        events = _events(self.agent_log, self._agent_from, "gate_released")
         return events[0] if events else None
+
+    def k3s_events(self, name: str) -> list[dict[str, str]]:
+        """The stand-in's `event=NAME` lines of this boot (every start of the unit)."""
+        return _events(self.k3s_log, self._k3s_from, name)
 
     def ca(self) -> str | None:
         """sha256 of the cluster CA this node's k3s belongs to (server or agent)."""
         return ca_of(self.node)
 
     def joined(self) -> bool:
-        """The stand-in has finished joining (or bootstrapping)."""
-        text = self.k3s_log.read_text(errors="replace") if self.k3s_log.exists() else ""
-        return "event=serving" in text or "event=joined" in text
+        """The stand-in serves, or joined (as an agent, or a server promoted to voter)."""
+        return bool(self.k3s_events("serving") or self.k3s_events("joined"))
 
 
 def form(lab: Lab, logs: Path, *, jitter: float, seed: int, **env: str) -> list[PiNode]:
@@ -66,6 +198,7 @@ def form(lab: Lab, logs: Path, *, jitter: float, seed: int, **env: str) -> list[
 
 def wait_formed(nodes: list[PiNode], timeout: float) -> list[dict[str, str]]:
     """Wait until every node's gate released and its k3s joined; the release events."""
+
     def all_done() -> list[dict[str, str]] | None:
         released = [pi.released() for pi in nodes]
         if all(released) and all(pi.joined() for pi in nodes):
@@ -78,6 +211,83 @@ def wait_formed(nodes: list[PiNode], timeout: float) -> list[dict[str, str]]:
         for pi in nodes:
             assert pi.agent is not None
             print(f"--- {pi.node.ns} agent\n{pi.agent.tail(25)}")
-            k3s = pi.k3s_log.read_text(errors="replace") if pi.k3s_log.exists() else ""
-            print(f"--- {pi.node.ns} k3s\n{k3s[-1500:]}")
+            k3s_text = pi.k3s_log.read_text(errors="replace") if pi.k3s_log.exists() else ""
+            print(f"--- {pi.node.ns} k3s\n{k3s_text[-1500:]}")
         raise
+
+
+# --- what a node's k3s holds and serves ---------------------------------------------------------
+
+
+def node_query(node: Node, what: str, url: str = "https://127.0.0.1:6443") -> str | None:
+    """What the stand-in in NODE answers to `query WHAT URL`; None when it does not answer."""
+    done = node.run(
+        PYTHON, "-m", "tests.lab.k3s_standin", "query", what, url,
+        env={"PYTHONPATH": str(REPO)}, timeout=CLIENT_TIMEOUT + 5,
+    )  # fmt: skip
+    return done.stdout if done.returncode == 0 else None
+
+
+def ca_of(node: Node) -> str | None:
+    """The CA hash NODE's k3s state belongs to (server or agent); None when it holds none."""
+    member = k3s.membership(node.path("/"))
+    path = {k3s.Membership.SERVER: CA_CERT, k3s.Membership.AGENT: AGENT_CA}.get(member)
+    if path is None or not node.path("/" + path).is_file():
+        return None
+    return k3s.ca_hash(node.path("/" + path).read_bytes())
+
+
+def served_ca_of(node: Node) -> str | None:
+    """The CA hash NODE's stand-in serves on 6443; None when nothing answers."""
+    answer = node_query(node, "ca")
+    return answer.strip() if answer else None
+
+
+def etcd_status(node: Node) -> tuple[int, dict[str, bool]] | None:
+    """etcd's view from inside NODE: (cluster ID, {member name: is learner}); None if silent.
+
+    A member added but not started yet has no name: it shows as `unstarted-<ID in hex>`.
+    """
+    done = node.run(*ETCDCTL, "member", "list", "-w", "json", timeout=15)
+    if done.returncode != 0:
+        return None
+    answer = json.loads(done.stdout)
+    members = {
+        m.get("name") or f"unstarted-{int(m['ID']):x}": bool(m.get("isLearner", False))
+        for m in answer.get("members", [])
+    }
+    return int(answer["header"]["cluster_id"]), members
+
+
+def assert_one_cluster(
+    nodes: Sequence[Node | PiNode], voters: int, timeout: float = 60.0
+) -> int:
+    """Wait until every server among NODES sees one etcd cluster of VOTERS voters; its ID.
+
+    Servers are the nodes whose k3s state holds server/db (agents are not asked). Each must
+    report the same cluster ID and the same VOTERS members, none of them a learner. An
+    AssertionError shows every server's view when that does not happen within TIMEOUT s.
+    """
+    lab_nodes = [n.node if isinstance(n, PiNode) else n for n in nodes]
+    views: dict[str, tuple[int, dict[str, bool]] | None] = {}
+
+    def one_cluster() -> int | None:
+        views.clear()
+        for node in lab_nodes:
+            if k3s.membership(node.path("/")) is k3s.Membership.SERVER:
+                views[node.name] = etcd_status(node)
+        if not views or None in views.values():
+            return None
+        distinct = {(v[0], tuple(sorted(v[1].items()))) for v in views.values() if v}
+        if len(distinct) != 1:
+            return None
+        ((cluster_id, members),) = distinct
+        if len(members) != voters or any(learner for _, learner in members):
+            return None
+        return cluster_id
+
+    try:
+        return wait_for(f"one etcd cluster of {voters} voters", one_cluster, timeout, every=0.5)
+    except AssertionError as exc:
+        shown = {name: (f"{v[0]:x}", v[1]) if v else None for name, v in views.items()}
+        raise AssertionError(f"{exc}; etcd's view per server: {shown}") from None

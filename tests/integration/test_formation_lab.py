@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -74,8 +72,8 @@ def test_impostor_with_another_ca_is_refused_and_never_joined(lab_factory, tmp_p
     assert server_token.startswith("K10")
     # The impostor: its own cluster (its own CA), advertised as a server of ours, lower key.
     evil = lab.node(2)
-    evil.spawn(PYTHON, "-m", "tests.lab.k3s_standin", log=tmp_path / "evil-k3s.log",
-               env=node_env())
+    evil.spawn(PYTHON, "-m", "tests.lab.k3s_standin", "server", "--serve-delay", "0",
+               log=tmp_path / "evil-k3s.log", env=node_env())
     evil.spawn(
         "avahi-publish", "-s", "k3s-sugar-dev@evil.local (server)", K3S, "6443", "k3s=1",
         "cluster=sugar", "env=dev", "role=server", "phase=serving", "host=evil.local",
@@ -102,10 +100,7 @@ def test_dead_server_in_avahis_cache_is_not_present_for_the_gate(
     wait_for("the server advert in node2's cache", lambda: [
         r for r in avahi_browse(node2, K3S) if "(server)" in unescape_browse(r[3])], 10)
     # Dies without goodbye: the agent, k3s and avahi-daemon all SIGKILLed.
-    assert server.agent is not None
-    os.kill(server.agent.proc.pid, signal.SIGKILL)
-    os.kill(server.k3s.pid, signal.SIGKILL)  # `sh -c ... exec` : the stand-in has the same PID
-    node1.kill_avahi_hard()
+    server.power_cut()
     assert [r for r in avahi_browse(node2, K3S) if "(server)" in unescape_browse(r[3])], (
         "node2's Avahi cache should still list the dead server"
     )

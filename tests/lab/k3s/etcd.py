@@ -1,0 +1,215 @@
+"""A real etcd per server, as k3s embeds one, and the calls k3s makes to it.
+
+The process: Debian's etcd 3.4 as a child of the stand-in, in its process group (a SIGKILL of the
+group, the lab's power cut, takes both; `setpriv --pdeathsig KILL` also takes etcd down if the
+stand-in alone dies, as an embedded etcd would), with k3s's flags: heartbeat 500 ms, election
+5000 ms, client URLs on 127.0.0.1:2379 and the node address, peers on http://<address>:2380.
+
+The calls go through etcd's JSON gateway on the client URL (`/v3/cluster/member/...`), the same
+RPCs k3s's Go client makes: MemberList, MemberAddAsLearner, MemberPromote, MemberRemove, Status.
+Measured with etcd 3.4.23 here: a second `MemberAdd(IsLearner)` while one learner exists fails
+with "etcdserver: too many learner members in cluster" (etcd 3.4 allows one learner and has no
+flag to raise it); a learner that started and caught up can be promoted ~0.6 s after its etcd
+starts; the cluster ID hashes the initial peer URLs and cluster token only, never member names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .addresses import url_host
+from .const import (
+    ETCD,
+    ETCD_CLIENT_PORT,
+    ETCD_DIR,
+    ETCD_ELECTION,
+    ETCD_HEARTBEAT,
+    ETCD_LOG,
+    ETCD_PEER_PORT,
+    ETCD_SNAPSHOT_COUNT,
+    ETCD_STOP_TIMEOUT,
+    ETCD_TIMEOUT,
+)
+
+LOCAL = f"http://127.0.0.1:{ETCD_CLIENT_PORT}"
+
+
+class EtcdError(Exception):
+    """An etcd call failed; the message is etcd's own (`etcdserver: ...`) when it answered."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One etcd member as MemberList shows it; an added member that never started has no name."""
+
+    id: int
+    name: str
+    peer_urls: tuple[str, ...]
+    client_urls: tuple[str, ...]
+    learner: bool
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> Member:
+        return cls(
+            int(raw["ID"]), str(raw.get("name", "")), tuple(raw.get("peerURLs", ())),
+            tuple(raw.get("clientURLs", ())), bool(raw.get("isLearner", False)),
+        )  # fmt: skip
+
+    def has_host(self, address: str) -> bool:
+        """Whether one of its peer URLs points at ADDRESS."""
+        return any(urlsplit(url).hostname == address for url in self.peer_urls)
+
+
+@dataclass(frozen=True)
+class Status:
+    """One member's own view (maintenance Status): its cluster, its leader, learner or not."""
+
+    cluster_id: int
+    member_id: int
+    leader: int  # 0 while it knows of no leader
+    learner: bool
+    applied: int  # raftAppliedIndex: how far it has caught up
+
+
+class Gateway:
+    """etcd's v3 JSON gateway at one client URL; every call is bounded by TIMEOUT s."""
+
+    def __init__(self, url: str = LOCAL, timeout: float = ETCD_TIMEOUT) -> None:
+        parts = urlsplit(url)
+        self.url, self.host, self.port = url, parts.hostname or "", parts.port or ETCD_CLIENT_PORT
+        self.timeout = timeout
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer: dict[str, Any] = json.loads(response.read() or b"{}")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise EtcdError(f"{self.url}{path}: {exc}") from exc
+        finally:
+            connection.close()
+        if response.status != 200 or "error" in answer:
+            raise EtcdError(str(answer.get("error") or answer.get("message") or response.status))
+        return answer
+
+    def members(self) -> tuple[int, list[Member]]:
+        """(cluster ID, members) as this member sees them."""
+        answer = self._post("/v3/cluster/member/list", {})
+        members = [Member.parse(m) for m in answer.get("members", [])]
+        return int(answer["header"]["cluster_id"]), members
+
+    def add_learner(self, peer_url: str) -> tuple[int, list[Member]]:
+        """MemberAdd(IsLearner); (cluster ID, members with the new one); EtcdError if refused."""
+        answer = self._post("/v3/cluster/member/add", {"peerURLs": [peer_url], "isLearner": True})
+        members = [Member.parse(m) for m in answer.get("members", [])]
+        return int(answer["header"]["cluster_id"]), members
+
+    def promote(self, member_id: int) -> None:
+        """MemberPromote; EtcdError while the learner has not caught up."""
+        self._post("/v3/cluster/member/promote", {"ID": str(member_id)})
+
+    def remove(self, member_id: int) -> None:
+        self._post("/v3/cluster/member/remove", {"ID": str(member_id)})
+
+    def status(self) -> Status:
+        answer = self._post("/v3/maintenance/status", {})
+        header = answer["header"]
+        return Status(
+            int(header["cluster_id"]), int(header["member_id"]), int(answer.get("leader", 0)),
+            bool(answer.get("isLearner", False)), int(answer.get("raftAppliedIndex", 0)),
+        )  # fmt: skip
+
+
+def peer_url(address: str) -> str:
+    return f"http://{url_host(address)}:{ETCD_PEER_PORT}"
+
+
+def client_url(address: str) -> str:
+    return f"http://{url_host(address)}:{ETCD_CLIENT_PORT}"
+
+
+def initial_cluster(members: Sequence[Member], name: str, address: str) -> str:
+    """`name=peerURL,...` for a joining member, as k3s's join builds it.
+
+    A member that never started has no name: if it has our address it is us (k3s's rule).
+    """
+    pairs = []
+    for member in members:
+        if not member.peer_urls:
+            continue
+        own = member.name or (name if member.has_host(address) else "")
+        pairs.append(f"{own}={member.peer_urls[0]}")
+    return ",".join(pairs)
+
+
+def flags(root: Path, name: str, address: str, cluster: str, state: str) -> dict[str, str]:
+    """etcd's flags for this member: k3s's timings, plain-http URLs on 2379 and 2380."""
+    listen = list(dict.fromkeys([LOCAL, client_url(address)]))
+    return {
+        "name": name,
+        "data-dir": str(root / ETCD_DIR),
+        "listen-client-urls": ",".join(listen),
+        "advertise-client-urls": client_url(address),
+        "listen-peer-urls": peer_url(address),
+        "initial-advertise-peer-urls": peer_url(address),
+        "initial-cluster": cluster,
+        "initial-cluster-state": state,
+        "heartbeat-interval": str(ETCD_HEARTBEAT),
+        "election-timeout": str(ETCD_ELECTION),
+        "snapshot-count": str(ETCD_SNAPSHOT_COUNT),
+        "logger": "zap",
+        "log-outputs": "stderr",
+    }
+
+
+class EtcdProcess:
+    """The etcd child: started from the event loop's thread, stopped with a bounded grace."""
+
+    def __init__(self, root: Path, options: dict[str, str]) -> None:
+        self.root = root
+        self.argv = [
+            "setpriv", "--pdeathsig", "KILL", "--", ETCD,
+            *(arg for key, value in options.items() for arg in (f"--{key}", value)),
+        ]  # fmt: skip
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> int:
+        """Start etcd (its log in server/logs/etcd.log); its PID."""
+        log_path = self.root / ETCD_LOG
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        # etcd reads ETCD_* variables as flags: a stray one must not change what we run.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        with log_path.open("ab") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                env=env,
+            )  # fmt: skip
+        return self.proc.pid
+
+    async def exited(self) -> int:
+        """Wait for etcd to exit; its exit status."""
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    async def stop(self, timeout: float = ETCD_STOP_TIMEOUT) -> None:
+        """SIGTERM, then SIGKILL after TIMEOUT s; returns once etcd is gone."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
