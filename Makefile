@@ -5,9 +5,12 @@ SHELL := /bin/bash
 PY_SYS := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# etcd-server and etcd-client: the lab's k3s stand-in runs a real etcd per server node
+# (tests/lab/k3s/); its etcdctl asks each node what the cluster is.
 APT_PACKAGES := avahi-daemon avahi-utils dbus iproute2 util-linux nftables python3-venv \
 	python3-pydbus python3-gi python3-zeroconf python3-pyroute2 python3-scapy python3-yaml \
-	python3-prometheus-client python3-sdnotify python3-cryptography prometheus
+	python3-prometheus-client python3-sdnotify python3-cryptography prometheus \
+	etcd-server etcd-client
 PYTEST_ARGS ?=
 
 .PHONY: deps lint test test-all demo bench bench-check clean deb deb-deps pi-gen-stage image-test
@@ -23,7 +26,11 @@ define apt_install
 	@touch $@
 endef
 
+# Debian's etcd-server enables and starts etcd.service; the lab starts its own etcds inside its
+# nodes, and a host etcd would only hold 2379/2380 and a data dir: mask it before installing.
 .stamp-apt: Makefile
+	@if [ -d /etc/systemd/system ] && [ ! -e /etc/systemd/system/etcd.service ]; then \
+		ln -s /dev/null /etc/systemd/system/etcd.service; fi
 	$(call apt_install,$(APT_PACKAGES))
 
 $(VENV)/.stamp: requirements-dev.txt .stamp-apt
