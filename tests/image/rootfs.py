@@ -323,14 +323,15 @@ def make_root(
     units: Mapping[str, str] | None = None,
     files: Mapping[str, str | bytes] | None = None,
     machine_id: str | None = None,
+    masked: Sequence[str] = (),
 ) -> Path:
     """Unpack TARBALL into DEST (new or empty) as a bootable node named HOSTNAME; return DEST.
 
     - /etc/hostname and /etc/hosts carry HOSTNAME; /etc/machine-id gets MACHINE_ID or a fresh
       random one, so every node is distinct and systemd skips its first-boot work.
     - DEBS are installed with dpkg (see install_debs).
-    - Boot is trimmed: default target multi-user.target, MASKED_UNITS masked (no getty waits on
-      the console), journal kept in memory.
+    - Boot is trimmed: default target multi-user.target, MASKED_UNITS and MASKED masked (no
+      getty waits on the console), journal kept in memory.
     - ADDRESS (CIDR): systemd-networkd is enabled and gives the veth `host0` that address (and
       GATEWAY if given); without it networkd stays off and host0, if any, is left alone.
     - FILES (path inside the root -> content) are written before UNITS (unit file name ->
@@ -366,7 +367,7 @@ def make_root(
     )
     install_debs(dest, list(debs))
     _systemctl(dest, "set-default", "multi-user.target")
-    _systemctl(dest, "mask", *MASKED_UNITS)
+    _systemctl(dest, "mask", *MASKED_UNITS, *masked)
     if address:
         _write(dest / NETWORK_FILE, network_config(address, gateway))
         _systemctl(dest, "enable", "systemd-networkd.service")

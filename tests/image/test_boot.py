@@ -3,8 +3,10 @@
 Each node is a Debian bookworm root (tests/image/rootfs.py) into which the pi-gen stage's own
 00-run.sh installs the very .deb the stage ships, booted with `systemd-nspawn -b` in a network
 namespace of its own on one bridge (tests/image/nspawn.py). k3s is the lab's stand-in as
-`k3s.service`, gated by the package's drop-in exactly as the real k3s unit would be. Every
-assertion is made from inside the booted system, through systemctl, journalctl and the network.
+`k3s.service`, gated by the package's drop-in exactly as the real k3s unit would be; its servers
+run Debian's etcd (in the root, its own etcd.service masked: the stand-in starts etcd itself, as
+k3s embeds it). Every assertion is made from inside the booted system, through systemctl,
+journalctl and the network.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ pytestmark = pytest.mark.image
 
 BRIDGE = "br-skimg"
 SUBNET = "10.249.0"
-K3S_STANDIN = REPO / "tests" / "lab" / "k3s_standin.py"
+K3S_STANDIN = REPO / "tests" / "lab" / "k3s"  # the package, copied as `k3s_standin`
+STANDIN_DIR = "/usr/local/lib/k3s-standin/k3s_standin"  # on the unit's PYTHONPATH
 K3S_UNIT = Path(__file__).with_name("guest") / "k3s.service"
+PACKAGES = (*rootfs.PACKAGES, "etcd-server")
 METRICS = ("import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
            "'http://127.0.0.1:9469/metrics', timeout=5).read().decode())")
 
@@ -39,7 +43,9 @@ def node_root(base: Path, tarball: Path, index: int, **env: str) -> Path:
         tarball, base / name, [], name, address=f"{SUBNET}.{10 + index}/24",
         gateway=f"{SUBNET}.1",
         units={"k3s.service": K3S_UNIT.read_text()},
-        files={"/usr/local/lib/k3s-standin/k3s_standin.py": K3S_STANDIN.read_text()},
+        files={f"{STANDIN_DIR}/{path.name}": path.read_text()
+               for path in sorted(K3S_STANDIN.glob("*.py"))},
+        masked=("etcd.service",),
     )
     stage_install(root)
     # The operator's settings, written after the package as an operator edits its conffile.
@@ -88,8 +94,24 @@ def _assert_gated_and_serving(node: nspawn.Container) -> None:
     assert "sugarkube-agent gate" in pre and "code=exited ; status=0 }" in pre, pre  # it said yes
 
 
+def _one_etcd_cluster(nodes: list[nspawn.Container], voters: int) -> set[tuple[str, ...]] | None:
+    """{(cluster ID, *voter names)} once every node's etcd shows the same VOTERS voters only."""
+    views = set()
+    for node in nodes:
+        out = node.run("env", "PYTHONPATH=/usr/local/lib/k3s-standin", "python3", "-m",
+                       "k3s_standin", "query", "members", "https://127.0.0.1:6443").stdout
+        try:
+            members = json.loads(out)["members"]
+        except (ValueError, KeyError):
+            return None
+        if len(members) != voters or any(m["learner"] for m in members.values()):
+            return None
+        views.add((json.loads(out)["cluster_id"], *sorted(members)))
+    return views if len(views) == 1 else None
+
+
 def test_one_node_boots_gates_k3s_and_reports(image_tmp: Path, deb: Path) -> None:
-    tarball = rootfs.base_tarball()
+    tarball = rootfs.base_tarball(packages=PACKAGES)
     root = node_root(image_tmp, tarball, 1, SUGARKUBE_SERVERS="1")
     with ExitStack() as stack:
         (ns,) = stack.enter_context(nspawn.network(BRIDGE, ["skimg1"]))
@@ -116,7 +138,7 @@ def test_one_node_boots_gates_k3s_and_reports(image_tmp: Path, deb: Path) -> Non
 
 
 def test_three_nodes_boot_together_and_form_one_cluster(image_tmp: Path, deb: Path) -> None:
-    tarball = rootfs.base_tarball()
+    tarball = rootfs.base_tarball(packages=PACKAGES)
     roots = [node_root(image_tmp, tarball, i) for i in (1, 2, 3)]  # SUGARKUBE_SERVERS: 3
     with ExitStack() as stack:
         names = stack.enter_context(nspawn.network(BRIDGE, ["skimg1", "skimg2", "skimg3"]))
@@ -134,6 +156,10 @@ def test_three_nodes_boot_together_and_form_one_cluster(image_tmp: Path, deb: Pa
         assert sum("cluster-init: true" in text for text in dropins) == 1, dropins  # one bootstrap
         assert sum("server: https://" in text for text in dropins) == 2, dropins
         print(f"3 nodes: boot to every gate released and k3s active: {formed:.1f} s")
+        # One cluster is what etcd says: each server's stand-in reports its etcd's view.
+        views = _wait("one etcd cluster of three voters on every node",
+                      lambda: _one_etcd_cluster(nodes, 3), 120)
+        print(f"3 nodes: one etcd cluster {views} after {time.monotonic() - started:.1f} s")
 
         # An operator stops the agent on node3: its advert leaves the wire, seen from node1.
         def browse() -> list[str]:
