@@ -29,7 +29,7 @@ from . import disk, etcd
 from .addresses import node_address
 from .certs import new_ca
 from .client import Trusted, trust
-from .const import ETCD_POLL, JOIN_RETRY, LEARNER_MAX_STALL
+from .const import ETCD_JOIN_TIMEOUT, ETCD_POLL, JOIN_RETRY, LEARNER_MAX_STALL
 from .events import Refused, log
 from .learners import LearnerManager
 from .server import Api, listeners, serve, serving_context
@@ -89,10 +89,10 @@ async def unless_exited(member: etcd.EtcdProcess, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        exited.cancel()
+        for pending in (task, exited):
+            pending.cancel()
     if not task.done():
-        task.cancel()
-        raise Refused("etcd_exited", f"etcd exited ({member.proc and member.proc.returncode})")
+        raise Refused("etcd_exited", f"etcd exited with status {exited.result()}")
     return task.result()
 
 
@@ -189,7 +189,7 @@ class Server:
         address = node_address(self.config, self.s.bind)
         added = await asyncio.to_thread(
             trusted.call, "/v1-sugarkube/etcd-join",
-            {"name": name, "peer_url": etcd.peer_url(address)}, "server",
+            {"name": name, "peer_url": etcd.peer_url(address)}, "server", ETCD_JOIN_TIMEOUT,
         )  # fmt: skip
         options = etcd.flags(root, name, address, str(added["initial_cluster"]), "existing")
         disk.save_etcd_config(root, options)
@@ -263,8 +263,8 @@ async def supervise(node: Server | Agent, install: Callable[[asyncio.Event], Non
             work.result()
         except Refused as exc:
             log("refused", reason=exc.reason, detail=str(exc))
-        except (k3s.K3sError, OSError, ValueError, KeyError) as exc:
-            log("failed", reason=type(exc).__name__, detail=str(exc))
+        except Exception as exc:  # the daemon's last word: one line, never a traceback
+            log("failed", reason=type(exc).__name__, detail=str(exc)[:300])
         return 1
     finally:
         stopping.cancel()
