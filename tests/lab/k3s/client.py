@@ -77,7 +77,9 @@ class Trusted:
     cacerts: bytes
     token: k3s.Token
 
-    def call(self, path: str, payload: dict[str, Any], user: str) -> dict[str, Any]:
+    def call(
+        self, path: str, payload: dict[str, Any], user: str, timeout: float = CLIENT_TIMEOUT
+    ) -> dict[str, Any]:
         """POST PAYLOAD with the token's password; the JSON answer, or Refused with a reason.
 
         401 is `unauthorized`; a 409 or 503 carrying {"reason": ...} is refused for that reason
@@ -86,7 +88,7 @@ class Trusted:
         try:
             status, answer = request(
                 self.url, "POST", path, verified(self.cacerts), body=json.dumps(payload).encode(),
-                password=self.token.password, user=self.token.user or user,
+                password=self.token.password, user=self.token.user or user, timeout=timeout,
             )  # fmt: skip
         except OSError as exc:
             raise Refused("unreachable", f"{self.url} failed during the join: {exc}") from exc

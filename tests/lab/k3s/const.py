@@ -38,6 +38,7 @@ ETCD_ELECTION = 5000  # ms, k3s ElectionTimeout (etcd's default is 1000): a new 
 # cluster elects itself 3.5 s after start with it (etcd 3.4; 0.13 s with etcd's defaults)
 ETCD_SNAPSHOT_COUNT = 10000  # k3s SnapshotCount
 ETCD_TIMEOUT = 10.0  # s per request to etcd, k3s testTimeout (v1.22; 30 s since v1.27)
+ETCD_JOIN_TIMEOUT = 20.0  # s for the whole MemberAdd exchange, k3s join()'s client context
 ETCD_POLL = 0.5  # s between looks at the local member's status while waiting on it (ours)
 ETCD_STOP_TIMEOUT = 10.0  # s for etcd to exit after SIGTERM before SIGKILL (ours)
 TOO_MANY_LEARNERS = "etcdserver: too many learner members in cluster"  # etcd's ErrTooManyLearners

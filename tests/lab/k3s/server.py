@@ -209,7 +209,7 @@ class Api:
     def _add_learner(gateway: Gateway, name: str, peer_url: str) -> dict[str, Any]:
         """k3s's join: add NAME at PEER_URL as a learner unless etcd already lists it."""
         address = urlsplit(peer_url).hostname or ""
-        _, members = gateway.members()
+        cluster_id, members = gateway.members()
         ours = [m for m in members if m.has_host(address) and m.name in ("", name)]
         for member in members:
             if member not in ours and node_of(member.name) == node_of(name):
@@ -217,8 +217,7 @@ class Api:
                               f"{node_of(name)!r} ({member.name}): node names must be unique")
         added = not ours
         if added:
-            _, members = gateway.add_learner(peer_url)
-        cluster_id, _ = gateway.members()
+            cluster_id, members = gateway.add_learner(peer_url)
         return {
             "initial_cluster": initial_cluster(members, name, address),
             "cluster_id": f"{cluster_id:x}",
