@@ -83,11 +83,13 @@ DEAD_SERVER_HOLD = 10.0  # s a vanished server, bootstrapper or agent advert sti
 #   that failed its proof while claiming to serve is not retried
 JOIN_ORDER_WAIT = 120.0  # s a server join waits at most for each one ahead of it to become a
 #   voting member (etcd admits one learner at a time: "too many learner members in cluster")
+ETCD_VOTER_SETTLE = 6.0  # s a server serves before it advertises phase=serving, which tells
+#   server joiners it is their turn: etcd 3.4 refuses MemberAdd ("unhealthy cluster") until every
+#   voter has been connected for its HealthInterval, 5 s (etcdserver/server.go, mayAddMember);
+#   seen in the lab with a real etcd when a join followed a promotion at once
 JOIN_STALL_WARN = 180.0  # s waiting on a server or bootstrapper that does not serve before the
 #   node warns (a Pi's k3s serves within 20-60 s of starting)
 BOOTSTRAP_PROVE_RETRY = 0.5  # s between proofs of a bootstrapper whose k3s is still starting
-JOIN_VIEW_SETTLE = 0.15  # s after the first advert before taking a server slot (RFC 6762 §6:
-#   responders answer 20-120 ms after a query, so the rest of a cold browse follows within it)
 FORMATION_TICK = 0.25  # s: the longest the formation loop waits without an observation
 IDLE_WAKE = 3600.0  # s: the same, once the gate is open (nothing left to time)
 ABSENCE_ROUNDS = 2  # consecutive absent live rounds (DESIGN.md §A "Double-absence gate")

@@ -98,9 +98,9 @@ class Timings:
     dead_hold: float = const.DEAD_SERVER_HOLD
     live_ttl: float = const.LIVE_SEEN_TTL
     bootstrap_retry: float = const.BOOTSTRAP_PROVE_RETRY
-    view_settle: float = const.JOIN_VIEW_SETTLE
     round_retry: float = const.ROUND_RETRY
     join_order_wait: float = const.JOIN_ORDER_WAIT
+    voter_settle: float = const.ETCD_VOTER_SETTLE
     stall_warn: float = const.JOIN_STALL_WARN
 
 
@@ -137,8 +137,9 @@ class Formation:
     joins: Joins = field(init=False)
     _stalled: bool = False
     _unseen_since: float | None = None  # the node we are bound to: not live since
-    _first_seen: float | None = None  # when step() first ran with any advert known
+    _heard_from: float = float("-inf")  # start of the last live round that completed
     _local_ca: str | None = None
+    _api_at: float = 0.0  # when the local API first answered
     _advertised: Advertise | None = None
 
     def __post_init__(self) -> None:
@@ -180,6 +181,7 @@ class Formation:
     def round_done(self, started: float, adverts: list[NodeAdvert]) -> None:
         """A live round that started at `started` heard these adverts (ours excluded)."""
         self._round_in_flight = False
+        self._heard_from = max(self._heard_from, started)
         self.view.heard(started, adverts)
         blocked = any(self._blocks(a) for a in adverts if a.key != self.key)
         self._gate.observe(started, blocked)
@@ -200,21 +202,19 @@ class Formation:
             self._stalled = False
         return self.joins.proof_done(now, advert, ok, reason)
 
-    def local_api(self, ca_sha256: str) -> None:
+    def local_api(self, now: float, ca_sha256: str) -> None:
         """The local k3s API answers on 6443, serving this CA."""
-        self._local_ca = ca_sha256
+        self._local_ca, self._api_at = ca_sha256, now
 
     # -- decisions ----------------------------------------------------------------------------
 
     def step(self, now: float) -> list[Action]:
         """Everything to do now, given what was observed; call again after any observation."""
         actions: list[Action] = []
-        if self._first_seen is None and self.view.known(now):
-            self._first_seen = now
         if self.member is not None and self.released is None:
-            self._release(actions, Release("member"), Phase.MEMBER, "member: k3s starting")
+            self._release(now, actions, Release("member"), Phase.MEMBER, "member: k3s starting")
         if self.released is not None:
-            self._after_release(actions)
+            self._after_release(now, actions)
             return actions
         if self.ineligible:
             self.phase = Phase.INELIGIBLE
@@ -236,14 +236,14 @@ class Formation:
     def wake_at(self, now: float) -> float:
         """When step() may decide something new without a new observation."""
         if self.released is not None:
+            if self._local_ca is not None and now < self._api_at + self.timings.voter_settle:
+                return self._api_at + self.timings.voter_settle
             return now + const.IDLE_WAKE  # after the release only observations matter
         t = self.timings
         candidates = [now + const.FORMATION_TICK, self._round_due]
         if self._published_at is not None:
             candidates.append(self._published_at + t.settle)
         candidates += [self._gate.next_round_at() or now, *self.joins.wake_times()]
-        if self._first_seen is not None:
-            candidates.append(self._first_seen + t.view_settle)
         if self.joins.waiting is not None:
             candidates.append(self.joins.waiting.since + t.stall_warn)
         if self._unseen_since is not None:
@@ -302,7 +302,7 @@ class Formation:
         visible = self._published_at is not None and self._clean_round >= self._published_at
         if backing >= self.quorum and visible and not self.joins.cluster_known(self.view, now):
             mode: ReleaseMode = "single" if self.servers == 1 else "cluster-init"
-            self._release(actions, Release(mode), Phase.RELEASED, f"released: {mode}")
+            self._release(now, actions, Release(mode), Phase.RELEASED, f"released: {mode}")
             return
         lower = [a for a in live if a.bootstrapping and a.key < self.key]
         if lower and backing < self.quorum:
@@ -335,14 +335,14 @@ class Formation:
         self.phase = Phase.JOIN
         joined = self.joins.joined
         if joined is not None and joined.name == server.name:
-            slot = self.joins.server_slot(self.view, now)
-            mode: ReleaseMode = "join-server" if slot else "join-agent"
-            assert self._first_seen is not None
-            if mode == "join-server" and now < self._first_seen + self.timings.view_settle:
-                # A server slot is decided on the whole view: a cold browse hears the other
-                # responders within their 20-120 ms answer delay (RFC 6762 §6) of the first.
+            if self._heard_from <= self.joins.joined_at:
+                # Server or agent, and whose turn it is, are decided on the whole view: Avahi's
+                # browser may not have heard a joiner yet (a healed partition, a cold cache), a
+                # live round started after the proof has.
                 self.status = f"join: counting servers before joining {server.host}"
                 return
+            slot = self.joins.server_slot(self.view, now)
+            mode: ReleaseMode = "join-server" if slot else "join-agent"
             if mode == "join-server" and (ahead := self.joins.turn(self.view, now, server)):
                 self.status = (
                     f"join: waiting for {ahead.host} to become a voting member first "
@@ -350,7 +350,8 @@ class Formation:
                 )
                 return
             self._release(
-                actions, Release(mode, server), Phase.RELEASED, f"joined https://{server.host}:6443"
+                now, actions, Release(mode, server), Phase.RELEASED,
+                f"joined https://{server.host}:6443",
             )
             return
         if not self.can_join:
@@ -361,7 +362,7 @@ class Formation:
             self.joins.proving = server.name
             actions.append(Prove(server))
 
-    def _after_release(self, actions: list[Action]) -> None:
+    def _after_release(self, now: float, actions: list[Action]) -> None:
         release = self.released
         assert release is not None
         leader = release.leader.host if release.leader is not None else self.host
@@ -372,10 +373,14 @@ class Formation:
             return
         if self._local_ca is not None:
             self.phase = Phase.SERVING
+            self.status = "serving: k3s API up on 6443"
+        if self._local_ca is not None and now >= self._api_at + self.timings.voter_settle:
+            # `serving` tells server joiners it is their turn: etcd refuses a new member until
+            # every voter has been connected for its health interval, so a node that just
+            # became one says so only that much later (joins.py, server joins in turn).
             self._advertise(
                 actions, Advertise(Role.SERVER, v.SERVING, leader, self._local_ca, vote)
             )
-            self.status = "serving: k3s API up on 6443"
             return
         # Released, k3s starting: say so on the wire at once, and by an in-place TXT update
         # where a rename (~1 s of probing, no advert) would hide that this node took a slot.
@@ -405,12 +410,14 @@ class Formation:
             self._advertise(actions, Advertise(Role.CANDIDATE, v.BOUND, host, vote=key))
             self.status = f"bound to bootstrap node {host}: waiting for it to serve"
 
-    def _release(self, actions: list[Action], release: Release, phase: Phase, status: str) -> None:
+    def _release(
+        self, now: float, actions: list[Action], release: Release, phase: Phase, status: str
+    ) -> None:
         self.released = release
         self.phase = phase
         self.status = status
         actions.append(release)
-        self._after_release(actions)
+        self._after_release(now, actions)
 
     def _keep_rounds(self, now: float, actions: list[Action]) -> None:
         """Rounds run back to back until the release: liveness and absence both come from them."""

@@ -43,6 +43,7 @@ class Joins:
     order_wait: float  # s a server join waits at most for each one ahead of it
     proving: str | None = None  # instance name under proof
     joined: NodeAdvert | None = None  # the server whose proof passed
+    joined_at: float = 0.0  # when
     waiting: Waiting | None = None
     _refused: set[str] = field(default_factory=set)
     _retry_at: dict[str, float] = field(default_factory=dict)
@@ -52,7 +53,7 @@ class Joins:
         """Record a wire proof's outcome; the event to log."""
         self.proving = None
         if ok:
-            self.joined, self.waiting = advert, None
+            self.joined, self.joined_at, self.waiting = advert, now, None
             return Event("wire_proof_passed", (("server", advert.host),))
         if reason == "ca_mismatch":
             self._refused.add(advert.name)

@@ -73,8 +73,8 @@ def test_gate_passes_only_after_two_spaced_absences_since_last_presence(
 
 # Fixed windows, so that the targeted cases do not follow tuning of agent/const.py.
 TIMINGS = Timings(settle=2.0, candidate_hold=3.0, dead_hold=10.0, live_ttl=5.0,
-                  bootstrap_retry=0.5, view_settle=0.15, round_retry=1.0, join_order_wait=120.0,
-                  stall_warn=180.0)
+                  bootstrap_retry=0.5, round_retry=1.0, join_order_wait=120.0,
+                  voter_settle=6.0, stall_warn=180.0)
 KEY = {c: c * 16 for c in "0123456789abcdef"}  # readable 16-hex-digit keys: "1" < "5" < "9"
 
 
@@ -131,8 +131,14 @@ def test_member_releases_at_once_and_advertises_a_starting_server_with_its_ca() 
     assert Advertise(Role.SERVER, v.STARTING, "a.local", "c" * 64, KEY["5"]) in actions
     assert f.phase == Phase.MEMBER
     assert not any(isinstance(a, RunRound) for a in actions)
-    f.local_api("d" * 64)
-    assert Advertise(Role.SERVER, v.SERVING, "a.local", "d" * 64, KEY["5"]) in f.step(0.1)
+    f.local_api(1.0, "d" * 64)
+    assert f.step(1.0) == [] and f.status == "serving: k3s API up on 6443"
+    # `serving` on the wire tells server joiners it is their turn: only once etcd would admit
+    # another member (every voter connected for its health interval).
+    assert f.wake_at(1.0) == 1.0 + TIMINGS.voter_settle
+    assert f.step(1.0 + TIMINGS.voter_settle) == [
+        Advertise(Role.SERVER, v.SERVING, "a.local", "d" * 64, KEY["5"])
+    ]
 
 
 def test_a_starting_member_counts_as_a_cluster_for_fresh_nodes() -> None:
@@ -313,40 +319,41 @@ def test_a_vanished_server_advert_is_held_for_dead_hold() -> None:
 
 def test_server_advert_is_proven_then_joined_as_server_or_agent() -> None:
     f = _node(servers=2)
-    f.step(0.0)
     server = _ad("s.local", Role.SERVER, "1", ca="c" * 64)
     f.advert_seen(0.0, server)
-    assert Prove(server) in f.step(0.1)
-    assert Prove(server) not in f.step(0.2)  # one proof at a time
-    f.proof_done(0.3, server, ok=True)
-    actions = f.step(0.3)
-    assert actions[0] == Release("join-server", server)
+    lan = Lan(f, [server])
+    lan.serving.add("s.local")
+    actions = lan.run(5.0, stop=lambda f: f.released)
+    assert [a for a in actions if isinstance(a, Prove)] == [Prove(server)]  # one proof at a time
+    release = actions.index(Release("join-server", server))
     assert f.status == "joined https://s.local:6443"
     # Taken slot said at once, in place: a rename would hide it for ~1 s.
-    assert actions[1] == Advertise(Role.CANDIDATE, v.JOINING, "s.local", vote=KEY["1"])
+    assert actions[release + 1] == Advertise(Role.CANDIDATE, v.JOINING, "s.local", vote=KEY["1"])
 
     g = _node(servers=2)
-    g.advert_seen(0.0, server)
-    g.advert_seen(0.0, _ad("t.local", Role.SERVER, "2"))
-    g.step(0.0)
-    g.proof_done(0.1, server, ok=True)
-    assert g.step(0.2) == [
-        Release("join-agent", server), Advertise(Role.AGENT, v.SERVING, "s.local", vote=KEY["1"])
-    ]
+    other = _ad("t.local", Role.SERVER, "2")
+    for advert in (server, other):
+        g.advert_seen(0.0, advert)
+    lan = Lan(g, [server, other])
+    lan.serving.add("s.local")
+    actions = lan.run(5.0, stop=lambda f: f.released)
+    release = actions.index(Release("join-agent", server))
+    assert actions[release + 1] == Advertise(Role.AGENT, v.SERVING, "s.local", vote=KEY["1"])
 
 
-def test_server_slot_waits_for_the_rest_of_a_cold_browse() -> None:
+def test_a_join_is_decided_on_a_live_round_started_after_the_proof() -> None:
+    # Avahi's browser had only s1 (a cold cache, a healed partition); the wire has three.
     f = _node(servers=3)
     first = _ad("s1.local", Role.SERVER, "1")
     f.advert_seen(0.0, first)
-    assert Prove(first) in f.step(0.0)
-    f.proof_done(0.02, first, ok=True)
-    assert not any(isinstance(a, Release) for a in f.step(0.02))
-    assert "counting servers" in f.status
-    f.advert_seen(0.05, _ad("s2.local", Role.SERVER, "2"))
-    f.advert_seen(0.05, _ad("s3.local", Role.SERVER, "3"))
-    assert f.wake_at(0.05) <= 0.15
-    assert f.step(0.15)[0] == Release("join-agent", first)
+    lan = Lan(f, [])
+    lan.serving.add("s1.local")
+    lan.run(0.9)  # proven at once; the round of t=0 started with the proof: not after it
+    assert f.joins.joined == first and f.released is None
+    assert f.status == "join: counting servers before joining s1.local"
+    lan.live = [first, _ad("s2.local", Role.SERVER, "2"), _ad("s3.local", Role.SERVER, "3")]
+    lan.run(3.0, stop=lambda f: f.released)
+    assert f.released == Release("join-agent", first)
 
 
 def test_server_joins_go_one_at_a_time_in_key_order() -> None:
@@ -402,7 +409,7 @@ def test_a_bootstrapper_that_does_not_serve_for_minutes_is_reported_once() -> No
     assert f.stalled
     assert f.status == "waiting 3 min for b.local to serve (last proof: refused)"
     lan.serving.add("b.local")
-    lan.run(201.0)
+    lan.run(203.0, stop=lambda f: f.released)
     assert not f.stalled and f.released == Release("join-server", boot)
 
 
