@@ -75,10 +75,14 @@ done
 K3S_UNIT = k3s_unit()
 
 
-def _events(path: Path, offset: int, name: str) -> list[dict[str, str]]:
-    """Every `event=NAME` line of log PATH from byte OFFSET on, as key=value dicts."""
+def _events(path: Path, offset: int, name: str, prefix: str = "") -> list[dict[str, str]]:
+    """Every `event=NAME` line starting with PREFIX of log PATH from byte OFFSET on, as dicts.
+
+    PREFIX keeps out the lab's header line of each start, which quotes the unit's script.
+    """
     text = path.read_bytes()[offset:].decode(errors="replace") if path.exists() else ""
-    return [e for e in map(parse_event, text.splitlines()) if e.get("event") == name]
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return [e for e in map(parse_event, lines) if e.get("event") == name]
 
 
 def _size(path: Path) -> int:
@@ -171,8 +175,8 @@ class PiNode:
         return events[0] if events else None
 
     def k3s_events(self, name: str) -> list[dict[str, str]]:
-        """The stand-in's `event=NAME` lines of this boot (every start of the unit)."""
-        return _events(self.k3s_log, self._k3s_from, name)
+        """The `event=NAME` lines of this boot's k3s unit (`k3s-standin` and `k3s-unit` lines)."""
+        return _events(self.k3s_log, self._k3s_from, name, "k3s-")
 
     def ca(self) -> str | None:
         """sha256 of the cluster CA this node's k3s belongs to (server or agent)."""

@@ -63,7 +63,8 @@ class StandIn:
 
     def events(self, name: str) -> list[dict[str, str]]:
         """Every `event=NAME` line of this run (the log may hold earlier runs' lines)."""
-        return [e for e in map(parse_event, self.text().splitlines()) if e.get("event") == name]
+        lines = [line for line in self.text().splitlines() if line.startswith("k3s-")]
+        return [e for e in map(parse_event, lines) if e.get("event") == name]
 
     def wait(self, what: str, probe: Callable[[], object], timeout: float = START_TIMEOUT) -> None:
         try:
