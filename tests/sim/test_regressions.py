@@ -1,0 +1,141 @@
+"""Counterexamples the simulator found, each as the shortest schedule that shows it.
+
+Each test names what it exercises and, where the machine fails it today, carries an
+xfail(strict=True) with the rule in agent/cluster/election.py (or joins.py) that breaks: when
+the machine is fixed the test passes, strict xfail fails the run, and the mark goes.
+`python -m tests.sim trace '<the schedule>'` prints the whole run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.sim.outcome import Outcome
+from tests.sim.schedule import BOOT, AvahiRestart, Partition, Power, PowerCut, Schedule
+from tests.sim.world import World
+
+SLOW = (25.0, 60.0)  # s from k3s start to serving on a Pi
+
+
+def run(schedule: Schedule) -> Outcome:
+    return World(schedule).run()
+
+
+# -- overlapping server joins (failed joins, too many servers) ------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rule 6: a node that knows a serving server at its first step goes straight to _join, "
+    "which never advertises; two such nodes cannot see each other, so neither waits (turn) nor "
+    "counts the other's slot (server_slot)"
+))
+def test_two_nodes_that_find_a_server_at_once_do_not_both_take_the_last_slot() -> None:
+    # Two servers serve; n2 and n3 boot together while the second server's rename to
+    # "(server)" is being announced, so their Avahi caches hold it before their agents start.
+    # Both prove it, see two servers and no one ahead of them, and release join-server in the
+    # same instant without ever having advertised: four servers for three, and etcd refuses the
+    # second learner ("too many learner members in cluster") until the first is promoted.
+    o = run(Schedule(starts=(0.0, 0.0, 30.0, 30.0), seed=1))
+    assert o.servers_max <= 3
+    assert o.failed_joins == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rule 6: Joins._ahead counts only role=candidate nodes, so a bootstrapper that lost the "
+    "race (role=bootstrap, phase=bootstrap) and now joins is not waited for by the candidates, "
+    "while server_slot does count it"
+))
+def test_a_bootstrapper_that_lost_and_a_candidate_do_not_join_at_once() -> None:
+    # n0 waits alone; n1-n3 arrive together. n0 stands first (it has not heard n2 live yet) and
+    # wins n1 and n3; n2, the lowest key, stands a moment later with no one left to back it.
+    # When n0 serves, n2 (as a server: its slot) and n3 (n2 is not a candidate, so nobody is
+    # ahead of it) release join-server together: etcd refuses the second learner.
+    o = run(Schedule(starts=(0.0, 12.6, 12.6, 12.6), seed=24))
+    assert o.failed_joins == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rule 6 orders joins by what each joiner sees over mDNS; two joiners that cannot see each "
+    "other (non-transitive visibility) both see the bootstrapper serve and both join"
+))
+def test_joiners_that_cannot_see_each_other_do_not_join_at_once() -> None:
+    # n0 and n2 cannot reach each other for the first 40 s; both reach n1, back it and join it
+    # 0.5 s apart. No order over mDNS can serialise them: the serving node could (say whom it
+    # admits next in its advert), or the refusal could be treated as "wait", not as a failure.
+    o = run(Schedule(starts=(0.0, 3.0, 6.0), faults=(Partition(((0, 2),), heal=40.0),)))
+    assert o.failed_joins == []
+
+
+# -- two clusters beyond the proven bound (more fresh nodes than `servers`) -----------------
+# The docstring's proof covers at most `servers` fresh nodes; beyond it, it says, "two sides
+# of a partition at power-on that each hold q nodes can each bootstrap; without a partition the
+# lowest key wins". These runs have no partition.
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rule 5's re-check: Joins.cluster_known skips an advert held down after a failed proof, "
+    "and a starting bootstrapper's proof fails (refused) every 0.5 s, so the cached advert of a "
+    "released bootstrapper does not block a second release in those windows"
+))
+def test_no_fault_five_pis_ten_percent_loss_one_cluster() -> None:
+    # Five Pis, servers=3, 10 % loss, no fault. n1 and n4 both stand; n4 (lower) wins n0 and n2
+    # and releases; n3 missed n4's bootstrap advert and backs n1, which releases 0.8 s after n4
+    # although its browser lists n4 "bootstrap, starting": in the hold-down after a refused
+    # proof, cluster_known says no cluster. Two clusters, both live.
+    o = run(Schedule(starts=(3.7, 4.1, 0.0, 6.2, 4.9), loss=0.1, seed=0))
+    assert len(o.cas) == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "late fresh nodes never bind to a released bootstrapper (joins.server() takes precedence, "
+    "they wait to join it), so they stay free to elect; its cached advert is then ignored in "
+    "the proof hold-down (Joins.cluster_known), and live rounds miss it while its avahi is down"
+))
+def test_avahi_crash_on_the_bootstrapper_while_k3s_starts_one_cluster() -> None:
+    # Four Pis, servers=3, no loss. n0 and n1 form (n1 bootstraps, k3s slow); n2 and n3 arrive
+    # and wait for n1 to serve. n1's avahi-daemon crashes 8 s after its release (no goodbye,
+    # back 3 s later): rounds stop hearing it, the proofs of its cached advert are refused, and
+    # n2 and n3 elect and bootstrap a second cluster.
+    o = run(Schedule(starts=(0.0, 0.0, 5.0, 5.0), k3s=SLOW, faults=(
+        AvahiRestart(BOOT, at=8.0, after="release", crash=True),)))
+    assert len(o.cas) == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the same hold-down (Joins.cluster_known) forgets a dead bootstrapper's cached advert "
+    "within seconds; when it returns it is a member of its own one-node cluster (rule 1), and "
+    "n0, bound to it, has joined the other one (rule 6)"
+))
+def test_a_bootstrapper_that_dies_after_minting_and_returns_leaves_one_cluster() -> None:
+    # n1 bootstraps with n0's support and loses power right after minting its CA; n2 and n3
+    # arrive, wait for it to serve, then bootstrap a cluster of their own (n0 joins it). n1
+    # comes back 60 s later as a member of its own cluster: two clusters, both serving.
+    o = run(Schedule(starts=(0.0, 0.0, 4.5, 4.5), faults=(Power(BOOT, at=7.1, off=60.0),)))
+    assert o.coexisting == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rule 4's yield: a bootstrapper gives way to a lower-keyed one only when it lacks its "
+    "quorum; with servers=1 the quorum is 1, so two nodes that stood a moment apart both "
+    "release `single`"
+))
+def test_single_server_four_pis_powered_together_one_cluster() -> None:
+    # servers=1 (one server, the rest agents), four Pis within a second, no loss. n0 stands
+    # before a live round heard n3; n3 (lower) stands 0.5 s later; both have their quorum of one
+    # and release. Every servers=1 run is beyond the proof's bound (two fresh nodes > 1).
+    o = run(Schedule(starts=(0.0, 0.0, 0.1, 0.9), servers=1, seed=36162))
+    assert len(o.cas) == 1
+
+
+# -- holds today: kept so that it keeps holding ----------------------------------------------
+
+
+def test_a_new_cluster_whose_only_member_is_reflashed_is_gone_for_good() -> None:
+    # n0 bootstraps and is re-flashed (power cut) before anyone joined: its CA dies with its
+    # disk. n2, which had stood too (beaten), bootstraps after the power-on with n0's new
+    # identity behind it. Two CAs were minted but only one cluster ever has a member after the
+    # cut: beyond the bound (a re-flashed node that had promised counts again), not a split.
+    o = run(Schedule(starts=(0.0, 0.0, 1.0), faults=(
+        PowerCut(at=5.0, off=1.0, reflash=BOOT, after="publish"),)))
+    assert o.coexisting == 1
+    assert o.problems() == []
