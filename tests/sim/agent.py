@@ -217,10 +217,12 @@ class Agent:
             self.f.unpublished()
             self.step()
 
-    def avahi_gone(self) -> None:
-        """The daemon left: our groups with it; the browser keeps its items as stale."""
+    def avahi_gone(self, established: bool) -> None:
+        """The daemon left: our groups with it (on_lost if the advert was established); the
+        browser keeps its items as stale."""
         self.stale |= self.items
-        self.w.at(self.w.now, self._lost)
+        if established:
+            self.w.at(self.w.now, self._lost)
 
     def avahi_back(self) -> None:
         """The daemon runs again: browse anew and publish what is wanted."""

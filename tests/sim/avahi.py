@@ -77,12 +77,13 @@ class Avahi:
         """SIGTERM (goodbye) or a crash or power cut (none): the group and cache go with it."""
         if not self.up:
             return
+        established = self.established() is not None
         if goodbye:
             self.withdraw()
         self.up, self.cache, self.group = False, {}, None
         self.inc += 1
         if self.m.agent is not None:
-            self.m.agent.avahi_gone()
+            self.m.agent.avahi_gone(established)
 
     # -- publishing ---------------------------------------------------------------------------
 
