@@ -32,6 +32,9 @@ What it is based on, read in k3s's pkg/etcd/etcd.go (v1.22 and v1.30) and measur
   cluster has a leader ~3.5 s after etcd starts (0.13 s with etcd's own 100/1000 ms defaults).
 - etcd 3.4 allows one learner (no flag raises it): a second MemberAdd(IsLearner) answers
   "etcdserver: too many learner members in cluster" until the first is promoted or removed.
+  Its strict reconfig check also refuses any MemberAdd until every voter has been connected to
+  the leader for 5 s (etcdserver HealthInterval): a join right after a promotion, or right after
+  a restart, meets "etcdserver: unhealthy cluster" (reason etcd_unhealthy), as k3s's does.
 - the cluster ID is a hash of the initial members' peer URLs and the cluster token (k3s leaves
   it at etcd's default), not of member names: a node that wipes its state and runs cluster-init
   again at the same address gets its old cluster ID back. Compare member names too.
