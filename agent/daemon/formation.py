@@ -405,7 +405,7 @@ class FormationRunner:
                 "127.0.0.1", const.K3S_API_PORT, expected_ca_sha256=None, timeout=1.0
             )
             if result.ok and result.ca_sha256:
-                self.machine.local_api(result.ca_sha256)
+                self.machine.local_api(time.monotonic(), result.ca_sha256)
                 self.k3s_up.set()
                 elapsed = (time.monotonic() - self._started) * 1000
                 self._log.event("k3s_serving", ms_elapsed=round(elapsed))
