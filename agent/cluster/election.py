@@ -16,11 +16,13 @@ The rules, each with the fault it answers:
 4. A free candidate that a live round shows a standing bootstrapper *binds* to the lowest one:
    it persists the promise (action Bind, before anything shows it) and advertises `phase=bound`,
    `vote=<that key>`. The promise is for good: a bound node never votes, stands or binds again.
-   A bootstrapper that sees a lower one standing and lacks its quorum gives up the same way, by
-   binding to it; promises made to it pass on along the chain (view.supporters).
+   A bootstrapper that a live round shows a lower one standing gives up the same way, by binding
+   to it, even with its quorum; promises made to it pass on along the chain (view.supporters).
 5. A bootstrapper releases `cluster-init` only with q live supporters (itself and the nodes
    bound to it), its own advert established, and a live round started after that establishment
-   that heard no cluster: a node whose advert left the wire re-proves it is visible.
+   that heard no cluster and no other bootstrapper (the higher of two gives way; with servers=1,
+   where one node is a quorum, this is all that keeps two nodes that stood a moment apart from
+   both releasing): a node whose advert left the wire re-proves it is visible.
 6. A server that a wire proof shows serving is joined, whatever the node's state; as a server
    while fewer than `servers` servers exist, else as an agent. Server joins go one at a time in
    key order (etcd admits one learner at a time): a joiner waits for every server that does not
@@ -261,8 +263,7 @@ class Formation:
         if standing:
             self._bind_to(min(standing, key=lambda a: (a.key, a.name)), actions)
             return
-        free = [a for a in live if a.free and a.key]
-        lowest = min([(self.key, self.host)] + [(a.key, a.host) for a in free])
+        free, lowest = self._vote(now)
         self._advertise(actions, Advertise(Role.CANDIDATE, v.DISCOVER, lowest[1], vote=lowest[0]))
         if self._published_at is None:
             self.status = "discover: publishing this node's advert"
@@ -292,11 +293,26 @@ class Formation:
         actions.append(Event("election_won", (("key", self.key), ("votes", votes))))
         self._bind_to(None, actions)
 
+    def _vote(self, now: float) -> tuple[list[NodeAdvert], tuple[str, str]]:
+        """The live free candidates, and the (key, host) a free node votes for: the lowest."""
+        free = [a for a in self.view.live(now) if a.free and a.key]
+        return free, min([(self.key, self.host)] + [(a.key, a.host) for a in free])
+
+    def _advertise_fresh(self, now: float, actions: list[Action]) -> None:
+        """Say what this unreleased node is: standing, bound, or a free candidate and its vote
+        (also while it proves or waits to join a server: others count it for slots and turns)."""
+        if self.bound == self.key:
+            advert = Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, self.host, vote=self.key)
+        elif self.bound:
+            advert = Advertise(Role.CANDIDATE, v.BOUND, self.bound_host, vote=self.bound)
+        else:
+            _, (key, host) = self._vote(now)
+            advert = Advertise(Role.CANDIDATE, v.DISCOVER, host, vote=key)
+        self._advertise(actions, advert)
+
     def _stand(self, now: float, actions: list[Action]) -> None:
         self.phase = Phase.BOOTSTRAP
-        self._advertise(
-            actions, Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, self.host, vote=self.key)
-        )
+        self._advertise_fresh(now, actions)
         live = self.view.live(now)
         backing = 1 + len(v.supporters(self.key, live))
         visible = self._published_at is not None and self._clean_round >= self._published_at
@@ -305,7 +321,7 @@ class Formation:
             self._release(now, actions, Release(mode), Phase.RELEASED, f"released: {mode}")
             return
         lower = [a for a in live if a.bootstrapping and a.key < self.key]
-        if lower and backing < self.quorum:
+        if lower:
             winner = min(lower, key=lambda a: (a.key, a.name))
             actions.append(Event("bootstrap_yielded", (("to", winner.host),)))
             self._bind_to(winner, actions)
@@ -314,9 +330,7 @@ class Formation:
 
     def _wait_bound(self, now: float, actions: list[Action]) -> None:
         self.phase = Phase.BOUND
-        self._advertise(
-            actions, Advertise(Role.CANDIDATE, v.BOUND, self.bound_host, vote=self.bound)
-        )
+        self._advertise_fresh(now, actions)
         if any(a.key == self.bound for a in self.view.live(now)):
             self._unseen_since = None
         elif self._unseen_since is None:
@@ -333,12 +347,15 @@ class Formation:
 
     def _join(self, now: float, server: NodeAdvert, actions: list[Action]) -> None:
         self.phase = Phase.JOIN
+        self._advertise_fresh(now, actions)
         joined = self.joins.joined
         if joined is not None and joined.name == server.name:
-            if self._heard_from <= self.joins.joined_at:
-                # Server or agent, and whose turn it is, are decided on the whole view: Avahi's
-                # browser may not have heard a joiner yet (a healed partition, a cold cache), a
-                # live round started after the proof has.
+            published = self._published_at
+            if published is None or self._heard_from <= max(self.joins.joined_at, published):
+                # Server or agent, and whose turn it is, are decided on the whole view, by a
+                # live round started once this node's own advert is on the wire and the proof
+                # passed: Avahi's browser may not have heard a joiner yet (a healed partition, a
+                # cold cache), and of two joiners deciding at once the later sees the earlier.
                 self.status = f"join: counting servers before joining {server.host}"
                 return
             slot = self.joins.server_slot(self.view, now)
@@ -436,11 +453,11 @@ class Formation:
             actions.append(advert)
 
     def _blocks(self, advert: NodeAdvert) -> bool:
-        """Does this live advert say we must not stand (a cluster, or another standing node)
-        or, once standing, release (a cluster: another bootstrapper cannot hold a quorum)?"""
+        """Does this live advert say we must not stand or, once standing, release: a cluster,
+        or another standing node (rule 5: the higher one gives way, then the lower proceeds)?"""
         if not self.joins.counts(advert):
             return False
-        return advert.cluster_side or (advert.bootstrapping and self.bound != self.key)
+        return advert.cluster_side or advert.bootstrapping
 
     def _say_waiting(self, now: float, actions: list[Action]) -> None:
         """While a known server does not serve yet, the status names it; stalls warn once."""

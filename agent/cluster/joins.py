@@ -10,7 +10,13 @@
 - Server joins go one at a time, in key order: etcd admits one learner at a time ("too many
   learner members in cluster"; k3s before v1.26.5/v1.27.2 exits on it). A server joiner waits
   for every server that does not serve yet (a joiner still a learner, a member restarting) and
-  every live candidate with a lower key, each for at most `order_wait` since it first saw it.
+  every live fresh node with a lower key (a candidate, or a bootstrapper that lost and now joins),
+  each for at most `order_wait` since it first saw it in that phase. The waits run side by side:
+  with k dead joiners ahead a node waits `order_wait`, not k times it.
+- A cluster is known while any advert of one is listed or held, a starting one included (its
+  proof is refused until its k3s serves, and a released bootstrapper that died after minting its
+  CA is a cluster when it returns); only a server that claims to serve and fails its proof is
+  set aside, for `dead_hold` at a time (a dead server in Avahi's cache must not block forever).
 """
 
 from __future__ import annotations
@@ -46,8 +52,9 @@ class Joins:
     joined_at: float = 0.0  # when
     waiting: Waiting | None = None
     _refused: set[str] = field(default_factory=set)
-    _retry_at: dict[str, float] = field(default_factory=dict)
-    _blocked_since: dict[str, float] = field(default_factory=dict)
+    _retry_at: dict[str, float] = field(default_factory=dict)  # not proven again before
+    _dead_until: dict[str, float] = field(default_factory=dict)  # claimed serving, failed
+    _blocked_since: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def proof_done(self, now: float, advert: NodeAdvert, ok: bool, reason: str) -> Event:
         """Record a wire proof's outcome; the event to log."""
@@ -64,7 +71,7 @@ class Joins:
             since = self.waiting.since if self.waiting is not None and same else now
             self.waiting = Waiting(advert, since, reason or "refused")
             return Event("server_not_serving_yet", (("server", advert.host), ("reason", reason)))
-        self._retry_at[advert.name] = now + self.dead_hold
+        self._retry_at[advert.name] = self._dead_until[advert.name] = now + self.dead_hold
         return Event("wire_proof_failed", (("server", advert.host), ("reason", reason)))
 
     def counts(self, advert: NodeAdvert) -> bool:
@@ -85,9 +92,12 @@ class Joins:
         return min(servers, key=lambda a: (a.phase != v.SERVING, a.role != Role.SERVER, a.key))
 
     def cluster_known(self, view: View, now: float) -> bool:
-        """An advert that says a cluster exists, listed or held, unless held down after a
-        failed proof (a dead server in Avahi's cache must not block forever)."""
-        return any(a.cluster_side and self._provable(now, a) for a in view.adverts(now))
+        """An advert that says a cluster exists, listed or held, starting ones included, unless
+        it claimed to serve and failed its proof (a dead server in Avahi's cache)."""
+        return any(
+            a.cluster_side and self.counts(a) and self._dead_until.get(a.name, 0.0) <= now
+            for a in view.adverts(now)
+        )
 
     def server_slot(self, view: View, now: float) -> bool:
         """Whether we join as a server: the free slots go to the lowest waiting keys."""
@@ -98,10 +108,12 @@ class Joins:
         return len(taken | {a.ident for a in self._ahead(view, now)}) < self.servers
 
     def _ahead(self, view: View, now: float) -> list[NodeAdvert]:
-        """Live candidates with lower keys: they take server slots, and join, before us."""
+        """Live fresh nodes with lower keys: they take server slots, and join, before us."""
         return [
             a for a in view.live(now)
-            if a.role == Role.CANDIDATE and a.phase in (v.DISCOVER, v.BOUND) and a.key < self.key
+            if a.key < self.key and (
+                a.bootstrapping or (a.role == Role.CANDIDATE and a.phase in (v.DISCOVER, v.BOUND))
+            )
         ]
 
     def turn(self, view: View, now: float, server: NodeAdvert) -> NodeAdvert | None:
@@ -111,8 +123,10 @@ class Joins:
             if a.ident != server.ident and a.cluster_side and a.role != Role.AGENT
             and a.phase != v.SERVING and self.counts(a)
         ] + self._ahead(view, now)
-        for a in sorted(pending, key=lambda a: a.key):
-            since = self._blocked_since.setdefault(a.ident, now)
+        # Every wait starts when its node is first seen in that phase, all at once: a node
+        # that moves on (a candidate that starts to join) is waited for afresh.
+        waits = [(a, self._blocked_since.setdefault((a.ident, a.phase), now)) for a in pending]
+        for a, since in sorted(waits, key=lambda w: w[0].key):
             if now - since < self.order_wait:
                 return a
         return None

@@ -2,7 +2,8 @@
 
 Each test names what it exercises and, where the machine fails it today, carries an
 xfail(strict=True) with the rule in agent/cluster/election.py (or joins.py) that breaks: when
-the machine is fixed the test passes, strict xfail fails the run, and the mark goes.
+the machine is fixed the test passes, strict xfail fails the run, and the mark goes. The
+comment in each test tells what the machine did when the simulator found it.
 `python -m tests.sim trace '<the schedule>'` prints the whole run.
 """
 
@@ -24,11 +25,6 @@ def run(schedule: Schedule) -> Outcome:
 # -- overlapping server joins (failed joins, too many servers) ------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rule 6: a node that knows a serving server at its first step goes straight to _join, "
-    "which never advertises; two such nodes cannot see each other, so neither waits (turn) nor "
-    "counts the other's slot (server_slot)"
-))
 def test_two_nodes_that_find_a_server_at_once_do_not_both_take_the_last_slot() -> None:
     # Two servers serve; n2 and n3 boot together while the second server's rename to
     # "(server)" is being announced, so their Avahi caches hold it before their agents start.
@@ -40,11 +36,6 @@ def test_two_nodes_that_find_a_server_at_once_do_not_both_take_the_last_slot() -
     assert o.failed_joins == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rule 6: Joins._ahead counts only role=candidate nodes, so a bootstrapper that lost the "
-    "race (role=bootstrap, phase=bootstrap) and now joins is not waited for by the candidates, "
-    "while server_slot does count it"
-))
 def test_a_bootstrapper_that_lost_and_a_candidate_do_not_join_at_once() -> None:
     # n0 waits alone; n1-n3 arrive together. n0 stands first (it has not heard n2 live yet) and
     # wins n1 and n3; n2, the lowest key, stands a moment later with no one left to back it.
@@ -81,12 +72,6 @@ def test_a_joiner_that_dies_as_a_learner_does_not_cause_refused_joins() -> None:
     assert o.failed_joins == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rule 6: join_order_wait runs one after another for each pending joiner ahead (Joins.turn "
-    "starts a node's wait only when the ones before it are done), and a dead joiner's cached "
-    "'joining' advert and each joiner refused behind it are pending: with k of them ahead a "
-    "node waits k x 120 s, past the 300 s this suite holds liveness to"
-))
 def test_five_servers_a_dead_joiner_does_not_hold_the_last_one_back_for_minutes() -> None:
     # servers=5, five Pis together. n1 joins first and dies as a learner; n2 waits 120 s for it
     # and is then refused by etcd; n3 waits 120 s for n1, then for n2; n4, last, is still not
@@ -102,11 +87,6 @@ def test_five_servers_a_dead_joiner_does_not_hold_the_last_one_back_for_minutes(
 # lowest key wins". These runs have no partition.
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rule 5's re-check: Joins.cluster_known skips an advert held down after a failed proof, "
-    "and a starting bootstrapper's proof fails (refused) every 0.5 s, so the cached advert of a "
-    "released bootstrapper does not block a second release in those windows"
-))
 def test_no_fault_five_pis_ten_percent_loss_one_cluster() -> None:
     # Five Pis, servers=3, 10 % loss, no fault. n1 and n4 both stand; n4 (lower) wins n0 and n2
     # and releases; n3 missed n4's bootstrap advert and backs n1, which releases 0.8 s after n4
@@ -116,11 +96,6 @@ def test_no_fault_five_pis_ten_percent_loss_one_cluster() -> None:
     assert len(o.cas) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "late fresh nodes never bind to a released bootstrapper (joins.server() takes precedence, "
-    "they wait to join it), so they stay free to elect; its cached advert is then ignored in "
-    "the proof hold-down (Joins.cluster_known), and live rounds miss it while its avahi is down"
-))
 def test_avahi_crash_on_the_bootstrapper_while_k3s_starts_one_cluster() -> None:
     # Four Pis, servers=3, no loss. n0 and n1 form (n1 bootstraps, k3s slow); n2 and n3 arrive
     # and wait for n1 to serve. n1's avahi-daemon crashes 8 s after its release (no goodbye,
@@ -131,11 +106,6 @@ def test_avahi_crash_on_the_bootstrapper_while_k3s_starts_one_cluster() -> None:
     assert len(o.cas) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the same hold-down (Joins.cluster_known) forgets a dead bootstrapper's cached advert "
-    "within seconds; when it returns it is a member of its own one-node cluster (rule 1), and "
-    "n0, bound to it, has joined the other one (rule 6)"
-))
 def test_a_bootstrapper_that_dies_after_minting_and_returns_leaves_one_cluster() -> None:
     # n1 bootstraps with n0's support and loses power right after minting its CA; n2 and n3
     # arrive, wait for it to serve, then bootstrap a cluster of their own (n0 joins it). n1
@@ -144,11 +114,6 @@ def test_a_bootstrapper_that_dies_after_minting_and_returns_leaves_one_cluster()
     assert o.coexisting == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rule 4's yield: a bootstrapper gives way to a lower-keyed one only when it lacks its "
-    "quorum; with servers=1 the quorum is 1, so two nodes that stood a moment apart both "
-    "release `single`"
-))
 def test_single_server_four_pis_powered_together_one_cluster() -> None:
     # servers=1 (one server, the rest agents), four Pis within a second, no loss. n0 stands
     # before a live round heard n3; n3 (lower) stands 0.5 s later; both have their quorum of one

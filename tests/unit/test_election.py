@@ -256,12 +256,27 @@ def test_a_bootstrapper_without_quorum_gives_way_to_a_lower_one_by_binding_to_it
     assert f.released is None
 
 
-def test_a_bootstrapper_with_its_quorum_releases_whatever_a_lower_one_does() -> None:
-    f = _node(key="5", bound=KEY["5"], bound_host="a.local")
-    lan = Lan(f, [_ad("b.local", Role.BOOTSTRAP, "1"),
-                  _ad("c.local", Role.CANDIDATE, "9", phase=v.BOUND, vote="5")])
+def test_a_bootstrapper_gives_way_to_a_lower_one_even_with_its_quorum() -> None:
+    # With servers=1 one node is a quorum: two that stood a moment apart would both release.
+    for servers in (1, 3):
+        f = _node(key="5", bound=KEY["5"], bound_host="a.local", servers=servers)
+        lan = Lan(f, [_ad("b.local", Role.BOOTSTRAP, "1"),
+                      _ad("c.local", Role.CANDIDATE, "9", phase=v.BOUND, vote="5")])
+        lan.run(5.0, stop=lambda f: f.released)
+        assert f.released is None
+        assert f.bound == KEY["1"] and f.phase == Phase.BOUND
+
+
+def test_a_lower_bootstrapper_waits_until_the_higher_one_gave_way() -> None:
+    f = _node(key="1", bound=KEY["1"], bound_host="a.local", servers=1)
+    higher = _ad("b.local", Role.BOOTSTRAP, "5")
+    lan = Lan(f, [higher])
     lan.run(5.0, stop=lambda f: f.released)
-    assert f.released == Release("cluster-init")
+    assert f.released is None  # every round heard another bootstrapper
+    f.advert_gone(lan.t, higher.name)
+    lan.live = [_ad("b.local", Role.CANDIDATE, "5", phase=v.BOUND, vote="1")]
+    lan.run(lan.t + 5.0, stop=lambda f: f.released)
+    assert f.released == Release("single")
 
 
 def test_promises_made_to_a_bootstrapper_that_gave_way_pass_on() -> None:
@@ -374,9 +389,17 @@ def test_server_joins_go_one_at_a_time_in_key_order() -> None:
     lan.live = [server, serving, lower]
     lan.run(lan.t + 3.1)  # the held old name (joining) has aged out
     assert "waiting for l.local" in f.status  # the lower key goes first
-    lan.run(200.0, stop=lambda f: f.released)  # ... but for 120 s at most, from its turn
+    lan.run(100.0)
+    starts = _ad("l.local", Role.CANDIDATE, "5", phase=v.JOINING, vote="1")
+    f.advert_seen(lan.t, starts)
+    lan.live = [server, serving, starts]
+    # ... each for 120 s at most from when it was first seen in its phase, side by side: the
+    # wait for l.local began at 0 and would end at 120; it joins at 100 and is waited for anew.
+    lan.run(215.0, stop=lambda f: f.released)
+    assert f.released is None and "waiting for l.local" in f.status
+    lan.run(300.0, stop=lambda f: f.released)
     assert f.released == Release("join-server", server)
-    assert 180.0 <= lan.t <= 181.0
+    assert 220.0 <= lan.t <= 221.5
 
 
 def test_ca_mismatch_is_refused_for_good_and_unreachable_held_down() -> None:
