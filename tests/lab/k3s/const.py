@@ -48,6 +48,14 @@ LEARNER_TICK = 15.0  # s between the etcd leader's looks at learners, k3s manage
 LEARNER_TICK_ENV = "K3S_STANDIN_LEARNER_TICK"  # the lab shortens it (tests/integration/formation)
 LEARNER_MAX_STALL = 300.0  # s a learner may make no progress before removal, learnerMaxStallTime
 
+# --- what keeps etcd busy (k3s is never idle) -----------------------------------------------------
+LEASE_RENEW = 2.0  # s between lease renewals: kube-controller-manager and kube-scheduler renew
+# their leader-election leases every 2 s (client-go RetryPeriod), kubelets their node leases
+# every 10 s. An idle etcd matters after a power cut: a follower persists a new commit index
+# without fsync (etcd's raft.MustSync), so one idle since a learner's promotion can come back
+# still believing it a learner, and a cluster of such members has no quorum.
+LEASE_KEY = "/registry/leases/kube-system/kube-controller-manager/"  # + the node name
+
 # --- start-up and the API port --------------------------------------------------------------------
 SERVE_DELAY = 20.0  # s from process start to listening on 6443: a Pi 4's k3s takes 20-60 s
 SERVE_DELAY_ENV = "K3S_STANDIN_SERVE_DELAY"

@@ -16,6 +16,7 @@ starts; the cluster ID hashes the initial peer URLs and cluster token only, neve
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import http.client
 import json
@@ -80,6 +81,10 @@ class Status:
     applied: int  # raftAppliedIndex: how far it has caught up
 
 
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
 class Gateway:
     """etcd's v3 JSON gateway at one client URL; every call is bounded by TIMEOUT s."""
 
@@ -117,6 +122,10 @@ class Gateway:
     def promote(self, member_id: int) -> None:
         """MemberPromote; EtcdError while the learner has not caught up."""
         self._post("/v3/cluster/member/promote", {"ID": str(member_id)})
+
+    def put(self, key: str, value: str) -> None:
+        """Write KEY=VALUE (the gateway takes both base64-encoded)."""
+        self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
 
     def remove(self, member_id: int) -> None:
         self._post("/v3/cluster/member/remove", {"ID": str(member_id)})

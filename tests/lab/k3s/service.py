@@ -29,7 +29,14 @@ from . import disk, etcd
 from .addresses import node_address
 from .certs import new_ca
 from .client import Trusted, trust
-from .const import ETCD_JOIN_TIMEOUT, ETCD_POLL, JOIN_RETRY, LEARNER_MAX_STALL
+from .const import (
+    ETCD_JOIN_TIMEOUT,
+    ETCD_POLL,
+    JOIN_RETRY,
+    LEARNER_MAX_STALL,
+    LEASE_KEY,
+    LEASE_RENEW,
+)
 from .events import Refused, log
 from .learners import LearnerManager
 from .server import Api, listeners, serve, serving_context
@@ -114,6 +121,15 @@ async def wait_voter(gateway: etcd.Gateway, timeout: float, started: float) -> e
         await asyncio.sleep(ETCD_POLL)
 
 
+async def renew_leases(gateway: etcd.Gateway, name: str) -> None:
+    """Write to etcd every LEASE_RENEW s, as a k3s server's controllers do; a write etcd cannot
+    take now (no leader yet, a quorum lost) is skipped, as a lease renewal that times out is."""
+    while True:
+        with contextlib.suppress(etcd.EtcdError):
+            await asyncio.to_thread(gateway.put, LEASE_KEY + name, f"{time.time():.3f}")
+        await asyncio.sleep(LEASE_RENEW)
+
+
 class Server:
     """`k3s server`: its datastore, its API once ready, its learner manager."""
 
@@ -136,7 +152,8 @@ class Server:
                 await asyncio.Future()  # sqlite: serve until cancelled
             else:
                 manager = LearnerManager(self.gateway, self.s.learner_tick)
-                await unless_exited(self.member, manager.run())
+                work = asyncio.gather(manager.run(), renew_leases(self.gateway, self.s.name))
+                await unless_exited(self.member, work)
         finally:
             for listener in servers:
                 listener.close()
