@@ -44,6 +44,7 @@ PACKAGES: tuple[str, ...] = (
     "ca-certificates",
     "dbus",
     "iproute2",
+    "nftables",
     "python3",
     "python3-cryptography",
     "python3-gi",
@@ -56,7 +57,7 @@ PACKAGES: tuple[str, ...] = (
     "systemd-sysv",
 )
 # Bumped when the build recipe below changes in a way the key would not otherwise see.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 BUILD_TIMEOUT = 1800.0  # s for a cold mmdebstrap run (downloads included)
 UNPACK_TIMEOUT = 300.0  # s for `tar -x` of one root

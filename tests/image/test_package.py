@@ -12,10 +12,13 @@ from tests.image.conftest import REPO
 
 pytestmark = pytest.mark.image
 
-# Debian's names for what the agent imports; pyroute2 and sdnotify are the tests' alone.
+# Debian's names for what the agent imports, and nftables: the kube-proxy drop-in we ship
+# selects nftables mode, which needs a working `nft` (a node without one does not stand).
+# pyroute2 and sdnotify are the tests' alone.
 RUNTIME_DEPENDS = {
     "avahi-daemon",
     "dbus",
+    "nftables",
     "python3 (>= 3.11)",
     "python3-gi",
     "python3-prometheus-client",
