@@ -333,6 +333,7 @@ def test_each_alert_fires_on_the_agents_series_when_it_should(tmp_path: Path) ->
                 series("sugarkube_verifier_check", "0x10", check="cgroup_memory", status="pass"),
                 series("sugarkube_join_refused_total", "0x5 1 1x10", reason="ca_mismatch"),
                 series("sugarkube_join_refused_total", "0x30", reason="unreachable"),
+                series("sugarkube_join_stalled", "0x3 1x10"),
                 series("up", "1x3 0x10"),
             ],
             "alert_rule_test": [
@@ -359,6 +360,11 @@ def test_each_alert_fires_on_the_agents_series_when_it_should(tmp_path: Path) ->
                     "exp_alerts": [expected(
                         "SugarkubeJoinRefused", {**node, "reason": "ca_mismatch"}
                     )],
+                },
+                {"eval_time": "4m", "alertname": "SugarkubeJoinStalled", "exp_alerts": []},
+                {
+                    "eval_time": "6m", "alertname": "SugarkubeJoinStalled",
+                    "exp_alerts": [expected("SugarkubeJoinStalled", node)],
                 },
                 {
                     "eval_time": "9m", "alertname": "SugarkubeAgentDown",
