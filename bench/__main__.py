@@ -1,7 +1,8 @@
 """`make bench`: run every figure on the lab; write bench/results/<date>.md, .json and .png.
 
 The JSON keeps every value, for `make bench-check` (bench/check.py) to compare ratios with.
-BENCH_N sets the repetitions (20), BENCH_IDLE_S the idle window (300 s), BENCH_SCALE the lab
+BENCH_N sets the repetitions (20), BENCH_FAULT_ROUNDS the rounds of each fault scenario (3; 0:
+skipped), BENCH_IDLE_S the idle window (300 s), BENCH_SCALE the lab
 sizes of the scale figures ("3,10,25"; empty: skipped; 50 nodes did not converge on a 2-core
 machine: 51 avahi-daemons and agents starting at once starve it, see bench/scale.py).
 """
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import agent, discovery, formation, idle, picture
+from bench import agent, discovery, faults, formation, idle, picture
 from bench.stats import markdown
 from tests.integration.helpers import Probe
 from tests.lab import Lab
@@ -40,6 +41,11 @@ def main() -> int:
     figures.append(formation.cold_formation(formation_runs))
     figures += formation.join_next_to_server(formation_runs)
     figures += formation.absence(formation_runs)
+    fault_rounds = int(os.environ.get("BENCH_FAULT_ROUNDS", "3"))
+    fault_table = ""
+    if fault_rounds > 0:
+        fault_figures, fault_table = faults.measure(fault_rounds)
+        figures += fault_figures
     figures += idle.measure(float(os.environ.get("BENCH_IDLE_S", "300")))
     sizes = [int(n) for n in os.environ.get("BENCH_SCALE", "3,10,25").split(",") if n]
     scale_rows: list[dict[str, Any]] = []
@@ -55,6 +61,8 @@ def main() -> int:
         f"# Benchmarks {today}\n\n"
         f"Machine: {machine}. Lab: real avahi-daemon and dbus-daemon per node.\n\n"
         f"{markdown(figures)}\n"
+        + (f"\n## Fault suite (tests/integration/faults.py)\n\n{fault_table}\n" if fault_table
+           else "")
         + "".join(f"\nScale N={row['n']}: {row.get('error') or row['skipped']}\n"
                   for row in scale_rows if "error" in row or "skipped" in row)
         + f"\n![discovery and scale]({today}.png)\n"
