@@ -83,6 +83,10 @@ DEAD_SERVER_HOLD = 10.0  # s a vanished server, bootstrapper or agent advert sti
 #   that failed its proof while claiming to serve is not retried
 JOIN_ORDER_WAIT = 120.0  # s a server join waits at most for each one ahead of it to become a
 #   voting member (etcd admits one learner at a time: "too many learner members in cluster")
+LEARNER_REMOVAL = 330.0  # s after a joiner was last heard until etcd no longer holds it as a
+#   learner if it died: k3s removes a learner that made no progress for 5 minutes
+#   (pkg/etcd learnerMaxStallTime), checked every 15 s (manageTickerTime), plus 15 s of margin;
+#   a server join before that is refused ("too many learner members in cluster")
 ETCD_VOTER_SETTLE = 6.0  # s a server serves before it advertises phase=serving, which tells
 #   server joiners it is their turn: etcd 3.4 refuses MemberAdd ("unhealthy cluster") until every
 #   voter has been connected for its HealthInterval, 5 s (etcdserver/server.go, mayAddMember);

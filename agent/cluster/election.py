@@ -26,7 +26,8 @@ The rules, each with the fault it answers:
 6. A server that a wire proof shows serving is joined, whatever the node's state; as a server
    while fewer than `servers` servers exist, else as an agent. Server joins go one at a time in
    key order (etcd admits one learner at a time): a joiner waits for every server that does not
-   serve yet and every live candidate with a lower key, each for at most `join_order_wait`.
+   serve yet and every live candidate with a lower key, each for at most `join_order_wait`, and
+   for a joiner no round hears (dead as a learner?) until k3s would have removed it.
 7. A node that cannot run k3s (a blocking prerequisite fails) neither stands, votes nor binds.
 
 Why one cluster. Releasing cluster-init takes q supporters; each node supports at most one
@@ -102,6 +103,7 @@ class Timings:
     bootstrap_retry: float = const.BOOTSTRAP_PROVE_RETRY
     round_retry: float = const.ROUND_RETRY
     join_order_wait: float = const.JOIN_ORDER_WAIT
+    learner_removal: float = const.LEARNER_REMOVAL
     voter_settle: float = const.ETCD_VOTER_SETTLE
     stall_warn: float = const.JOIN_STALL_WARN
 
@@ -148,7 +150,8 @@ class Formation:
         t = self.timings
         self.view = View(self.key, v.Holds(t.candidate_hold, t.dead_hold, t.live_ttl))
         self.joins = Joins(
-            self.key, self.servers, t.bootstrap_retry, t.dead_hold, t.join_order_wait
+            self.key, self.servers, t.bootstrap_retry, t.dead_hold, t.join_order_wait,
+            t.learner_removal,
         )
 
     @property

@@ -12,7 +12,10 @@
   for every server that does not serve yet (a joiner still a learner, a member restarting) and
   every live fresh node with a lower key (a candidate, or a bootstrapper that lost and now joins),
   each for at most `order_wait` since it first saw it in that phase. The waits run side by side:
-  with k dead joiners ahead a node waits `order_wait`, not k times it.
+  with k dead joiners ahead a node waits `order_wait`, not k times it. A joiner that no live
+  round hears may have died as a learner, and etcd keeps a dead learner until k3s removes it
+  (5 min without progress): it is waited for until `learner_removal` after it was last heard,
+  since any server join before that is refused.
 - A cluster is known while any advert of one is listed or held, a starting one included (its
   proof is refused until its k3s serves, and a released bootstrapper that died after minting its
   CA is a cluster when it returns); only a server that claims to serve and fails its proof is
@@ -47,6 +50,7 @@ class Joins:
     retry: float  # s before a starting server is proven again
     dead_hold: float  # s a server that claims to serve but fails is not proven again
     order_wait: float  # s a server join waits at most for each one ahead of it
+    learner_removal: float  # s after a joiner was last heard until k3s removed it if it died
     proving: str | None = None  # instance name under proof
     joined: NodeAdvert | None = None  # the server whose proof passed
     joined_at: float = 0.0  # when
@@ -125,9 +129,14 @@ class Joins:
         ] + self._ahead(view, now)
         # Every wait starts when its node is first seen in that phase, all at once: a node
         # that moves on (a candidate that starts to join) is waited for afresh.
-        waits = [(a, self._blocked_since.setdefault((a.ident, a.phase), now)) for a in pending]
-        for a, since in sorted(waits, key=lambda w: w[0].key):
-            if now - since < self.order_wait:
+        live = {a.ident for a in view.live(now)}
+        for a in sorted(pending, key=lambda a: a.key):
+            until = self._blocked_since.setdefault((a.ident, a.phase), now) + self.order_wait
+            if a.phase == v.JOINING and a.ident not in live:
+                heard = view.heard_at(a.ident)
+                since = heard if heard > float("-inf") else self._blocked_since[(a.ident, a.phase)]
+                until = max(until, since + self.learner_removal)
+            if now < until:
                 return a
         return None
 

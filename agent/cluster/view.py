@@ -159,6 +159,13 @@ class View:
         """Every other node's newest advert, for nodes a live round heard within live_ttl."""
         return [s.advert for s in self._newest(now, live=True).values()]
 
+    def heard_at(self, ident: str) -> float:
+        """When a live round last heard this node (any of its names); -inf if never."""
+        return max(
+            (s.live_at for s in self._seen.values() if s.advert.ident == ident),
+            default=float("-inf"),
+        )
+
     def adverts(self, now: float) -> list[NodeAdvert]:
         """Every advert listed or held, older names of a node included (renames in flight)."""
         return [

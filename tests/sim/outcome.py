@@ -11,9 +11,9 @@ Safety, over the whole run:
   for good are reported apart (no order of joins avoids them);
 - a node that cannot run k3s is never released.
 Liveness: once the last disturbance is over (the last arrival, fault or heal), every powered,
-eligible node is released within LIVENESS_BOUND (and, for the figures, every server among them
-serves: "formed"), unless the run is excused: fewer than a quorum of eligible nodes up with no
-cluster to join, a cluster whose etcd lost its quorum for good, or a node bound to a
+eligible node is released within LIVENESS_BOUND (world.py; and, for the figures, every server
+among them serves: "formed"), unless the run is excused: fewer than a quorum of eligible nodes
+up with no cluster to join, a cluster whose etcd lost its quorum for good, or a node bound to a
 bootstrapper that is gone (the price election.py names: it needs `wipe`).
 """
 

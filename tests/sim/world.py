@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from agent import const
 from tests.sim.agent import SERVER_MODES
 from tests.sim.k3s import LEARNER_STALL, LEARNER_TICK, Cluster, Ident
 from tests.sim.machine import Disk, Machine
@@ -33,7 +34,10 @@ from tests.sim.schedule import (
 BOOT_SPREAD = (0.0, 15.0)  # s from power-on to the agent's start: Pis boot 5-15 s apart
 CHECK_EVERY = 0.5  # s between checks of whether the run is over
 TAIL = 20.0  # s a formed cluster is watched after the last disturbance (a late second init)
-LIVENESS_BOUND = 300.0  # s after the last disturbance by which every up, eligible node released
+# s after the last disturbance by which every up, eligible node is released: a joiner that died
+# as a learner holds the joins behind it until k3s would have removed it (LEARNER_REMOVAL, 330 s
+# after it was last heard), and the joins after it go one at a time (~30 s each here).
+LIVENESS_BOUND = const.LEARNER_REMOVAL + 120.0
 
 
 class World:

@@ -501,3 +501,22 @@ def test_each_node_supports_at_most_one_root(bindings: dict[str, str]) -> None:
     ]
     roots = {k: {r for r in "0123456789" if KEY[k] in supporters(KEY[r], live)} for k in bindings}
     assert all(len(r) <= 1 for r in roots.values()), roots
+
+
+def test_a_joiner_no_round_hears_is_waited_for_until_k3s_would_remove_it() -> None:
+    # A joiner that lost power as a learner: its advert stays in Avahi's cache, and etcd keeps
+    # it until k3s removes it (5 min without progress); a join before that is refused.
+    f = _node(key="9", servers=5)
+    server = _ad("s.local", Role.SERVER, "1")
+    learner = _ad("j.local", Role.CANDIDATE, "3", phase=v.JOINING)
+    lan = Lan(f, [server, learner])
+    lan.serving.add("s.local")
+    for advert in lan.live:
+        f.advert_seen(0.0, advert)
+    lan.run(30.0)
+    lan.live = [server]
+    lan.run(300.0, stop=lambda f: f.released)
+    assert f.released is None and "waiting for j.local" in f.status  # past join_order_wait
+    lan.run(500.0, stop=lambda f: f.released)
+    assert f.released == Release("join-server", server)
+    assert 30.0 + 328.0 <= lan.t <= 30.0 + 331.0  # LEARNER_REMOVAL after it was last heard
