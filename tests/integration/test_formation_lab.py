@@ -36,14 +36,14 @@ def _assert_one_cluster(nodes: list[PiNode], released: list[dict[str, str]]) -> 
     assert len(cas) == 1 and None not in cas, cas
 
 
-@pytest.mark.parametrize("seed", _seeds(10, quick=3))
+@pytest.mark.parametrize("seed", _seeds(10, quick=1))
 def test_three_fresh_nodes_form_exactly_one_cluster(lab_factory, tmp_path: Path, seed: int) -> None:
     lab = lab_factory(3)
     nodes = form(lab, tmp_path, jitter=1.0 if seed % 2 else 2.0, seed=seed)
     _assert_one_cluster(nodes, wait_formed(nodes, 40))
 
 
-@pytest.mark.parametrize("seed", _seeds(10, quick=3))
+@pytest.mark.parametrize("seed", _seeds(10, quick=1))
 def test_three_nodes_with_5_percent_mdns_loss_form_one_cluster(
     lab_factory, tmp_path: Path, seed: int
 ) -> None:
