@@ -79,7 +79,10 @@ def run_demo(args: argparse.Namespace) -> int:
             for pi, (agent_tail, k3s_tail) in zip(pis, tails, strict=True):
                 _show(pi.node.name, agent_tail, AGENT_SHOWN, "agent")
                 _show(pi.node.name, k3s_tail, K3S_SHOWN, "k3s")
-            formed = all(pi.released() and pi.joined() for pi in pis)
+            formed = all(  # every gate released, every k3s serving, every agent aware of it
+                pi.released() and pi.joined() and pi.agent and pi.agent.events("k3s_serving")
+                for pi in pis
+            )
             time.sleep(0.2)
         elapsed = time.monotonic() - started
         print(f"\n{'formed' if formed else 'NOT formed'} after {elapsed:.0f} s")
