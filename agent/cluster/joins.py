@@ -131,11 +131,10 @@ class Joins:
         # that moves on (a candidate that starts to join) is waited for afresh.
         live = {a.ident for a in view.live(now)}
         for a in sorted(pending, key=lambda a: a.key):
-            until = self._blocked_since.setdefault((a.ident, a.phase), now) + self.order_wait
+            since = self._blocked_since.setdefault((a.ident, a.phase), now)
+            until = since + self.order_wait
             if a.phase == v.JOINING and a.ident not in live:
-                heard = view.heard_at(a.ident)
-                since = heard if heard > float("-inf") else self._blocked_since[(a.ident, a.phase)]
-                until = max(until, since + self.learner_removal)
+                until = max(view.heard_at(a.ident), since) + self.learner_removal
             if now < until:
                 return a
         return None
