@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.formation import TOKEN, PiNode, form, wait_formed
+from tests.integration.formation import TOKEN, PiNode, assert_one_cluster, form, wait_formed
 from tests.integration.helpers import (
     PYTHON,
     Agent,
@@ -34,6 +34,7 @@ def _assert_one_cluster(nodes: list[PiNode], released: list[dict[str, str]]) -> 
     assert modes.count("join-server") == len(nodes) - 1, modes
     cas = {pi.ca() for pi in nodes}
     assert len(cas) == 1 and None not in cas, cas
+    assert_one_cluster(nodes, len(nodes))  # and etcd agrees: one cluster ID, every one a voter
 
 
 @pytest.mark.parametrize("seed", _seeds(10, quick=1))
@@ -68,6 +69,8 @@ def test_a_node_booting_into_a_formed_cluster_joins_as_agent(lab_factory, tmp_pa
     assert late.agent is not None
     assert not late.agent.events("election_won")
     assert int(released["ms_elapsed"]) < 3000, released
+    assert late.ca() == first[0].ca()
+    assert_one_cluster([*first, late], 3)  # the agent is no etcd member
 
 
 def test_impostor_with_another_ca_is_refused_and_never_joined(lab_factory, tmp_path: Path) -> None:
