@@ -264,7 +264,7 @@ class Formation:
         live = self.view.live(now)
         standing = [a for a in live if a.bootstrapping]
         if standing:
-            self._bind_to(min(standing, key=lambda a: (a.key, a.name)), actions)
+            self._bind_to(now, min(standing, key=lambda a: (a.key, a.name)), actions)
             return
         free, lowest = self._vote(now)
         self._advertise(actions, Advertise(Role.CANDIDATE, v.DISCOVER, lowest[1], vote=lowest[0]))
@@ -294,7 +294,7 @@ class Formation:
             )
             return
         actions.append(Event("election_won", (("key", self.key), ("votes", votes))))
-        self._bind_to(None, actions)
+        self._bind_to(now, None, actions)
 
     def _vote(self, now: float) -> tuple[list[NodeAdvert], tuple[str, str]]:
         """The live free candidates, and the (key, host) a free node votes for: the lowest."""
@@ -327,7 +327,7 @@ class Formation:
         if lower:
             winner = min(lower, key=lambda a: (a.key, a.name))
             actions.append(Event("bootstrap_yielded", (("to", winner.host),)))
-            self._bind_to(winner, actions)
+            self._bind_to(now, winner, actions)
             return
         self.status = f"bootstrap: {backing} of {self.servers} servers agree, {self.quorum} needed"
 
@@ -414,20 +414,19 @@ class Formation:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _bind_to(self, target: NodeAdvert | None, actions: list[Action]) -> None:
+    def _bind_to(self, now: float, target: NodeAdvert | None, actions: list[Action]) -> None:
         """Promise our support, for good: to `target`, or to ourselves (stand)."""
         key, host = (self.key, self.host) if target is None else (target.key, target.host)
         self.bound, self.bound_host = key, host
         self._gate.reset()
         self._clean_round = float("-inf")
-        actions.append(Bind(key, host))
+        actions.append(Bind(key, host))  # before the advert that shows it
+        self._advertise_fresh(now, actions)
         if target is None:
             self.phase = Phase.BOOTSTRAP
-            self._advertise(actions, Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, host, vote=key))
             self.status = "bootstrap: waiting for a quorum of supporters"
         else:
             self.phase = Phase.BOUND
-            self._advertise(actions, Advertise(Role.CANDIDATE, v.BOUND, host, vote=key))
             self.status = f"bound to bootstrap node {host}: waiting for it to serve"
 
     def _release(

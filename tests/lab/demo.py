@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tests.integration.formation import PiNode, etcd_status
-from tests.integration.helpers import PYTHON, node_env
+from tests.integration.helpers import PYTHON, node_env, parse_event
 from tests.lab.lab import Lab
 
 NODES = 3
@@ -45,17 +45,9 @@ class _Tail:
         return complete.decode(errors="replace").splitlines()
 
 
-def _event(line: str) -> str:
-    line = line.split(">", 1)[1] if line.startswith("<") else line
-    for word in line.split():
-        if word.startswith("event="):
-            return word.removeprefix("event=")
-    return ""
-
-
 def _show(name: str, tail: _Tail, shown: tuple[str, ...], source: str) -> None:
     for line in tail.new_lines():
-        if _event(line) in shown:
+        if parse_event(line).get("event") in shown:
             text = line.split(">", 1)[1] if line.startswith("<") else line
             print(f"{name} {source:5} | {text.removeprefix('k3s-standin ')}")
 
