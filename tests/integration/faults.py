@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.cluster import k3s
+from agent.const import LEARNER_REMOVAL
 from tests.integration.formation import (
     ETCDCTL,
     PiNode,
@@ -323,6 +324,28 @@ def concurrent_server_joins(lab: Lab, logs: Path) -> Outcome:
     )
     assert len(joins) == 2, joins
     return outcome("concurrent server joins", pis, started, 3)
+
+
+def joiner_dies_as_a_learner(lab: Lab, logs: Path) -> Outcome:
+    """The first server joiner loses power the moment etcd has added it as a learner; k3s
+    serves slowly. etcd refuses every other learner until k3s removes the dead one (5 min
+    without progress): the next joiner must wait that long, not be refused. Not in SCENARIOS:
+    it takes 6 minutes (test_faults_lab.py runs it in `make test-all`)."""
+    for node, key in zip(lab.nodes, (LOW, MID, HIGH), strict=True):
+        seed_key(node, key)
+    pis = start_all(lab, logs, gap=0.0, K3S_STANDIN_SERVE_DELAY=f"{SLOW_SERVE:g}",
+                    K3S_STANDIN_LEARNER_TICK="15")  # k3s's own tick  # fmt: skip
+    boot, dying, last = pis
+    wait_for("node2 added as a learner", lambda: any(
+        e.get("name", "").startswith(f"{dying.node.name}-")
+        for e in boot.k3s_events("learner_added")), FORM_TIMEOUT)
+    dying.power_cut()
+    started = time.monotonic()
+    wait_status(last, f"waiting for {dying.node.name}.local", 60)
+    wait_formed([boot, last], LEARNER_REMOVAL + FORM_TIMEOUT)
+    # etcd never heard from it: the member it removes is `unstarted-<ID>`, nameless
+    assert boot.k3s_events("learner_removed"), "k3s never removed the dead learner"
+    return outcome("a joiner dies as a learner", [boot, last], started, 2)
 
 
 Scenario = Callable[[Lab, Path], Outcome]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.faults import SCENARIOS, Outcome
+from tests.integration.faults import SCENARIOS, Outcome, joiner_dies_as_a_learner
 
 pytestmark = pytest.mark.lab
 
@@ -36,3 +36,12 @@ def test_fault(lab_factory, tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_fault_rounds(lab_factory, tmp_path: Path, name: str, round_: int) -> None:
     _check(SCENARIOS[name](lab_factory(3), tmp_path))
+
+
+@pytest.mark.slow
+def test_a_joiner_dead_as_a_learner_holds_the_next_join_until_k3s_removes_it(
+    lab_factory, tmp_path: Path
+) -> None:
+    result = joiner_dies_as_a_learner(lab_factory(3), tmp_path)
+    _check(result)
+    assert result.formed_s >= 290, result  # it waited for k3s's removal, 5 min, not 120 s
