@@ -81,16 +81,18 @@ CANDIDATE_HOLD = 3.0  # s a vanished candidate still counts: renaming to "(boots
 DEAD_SERVER_HOLD = 10.0  # s a vanished server, bootstrapper or agent advert still counts (an
 #   avahi-daemon restart hides a node's adverts for 2.5-4 s, measured in the lab), and a server
 #   that failed its proof while claiming to serve is not retried
-JOIN_ORDER_WAIT = 120.0  # s a server join waits at most for each one ahead of it to become a
-#   voting member (etcd admits one learner at a time: "too many learner members in cluster")
+JOIN_ORDER_WAIT = 120.0  # s the admitting server waits at most for a starting server or a
+#   joiner to serve, and a grant (admit=) stands untaken, before the next one has its turn
+#   (etcd admits one learner at a time: "too many learner members in cluster")
 LEARNER_REMOVAL = 330.0  # s after a joiner was last heard until etcd no longer holds it as a
 #   learner if it died: k3s removes a learner that made no progress for 5 minutes
 #   (pkg/etcd learnerMaxStallTime), checked every 15 s (manageTickerTime), plus 15 s of margin;
 #   a server join before that is refused ("too many learner members in cluster")
-ETCD_VOTER_SETTLE = 6.0  # s a server serves before it advertises phase=serving, which tells
-#   server joiners it is their turn: etcd 3.4 refuses MemberAdd ("unhealthy cluster") until every
-#   voter has been connected for its HealthInterval, 5 s (etcdserver/server.go, mayAddMember);
-#   seen in the lab with a real etcd when a join followed a promotion at once
+ETCD_VOTER_SETTLE = 6.0  # s a server serves before it advertises phase=serving and, unless it
+#   is the only server, before it admits a joiner: etcd 3.4 refuses MemberAdd ("unhealthy
+#   cluster") until every voter has been connected for its HealthInterval, 5 s
+#   (etcdserver/server.go, mayAddMember); seen in the lab with a real etcd when a join
+#   followed a promotion at once
 JOIN_STALL_WARN = 180.0  # s waiting on a server or bootstrapper that does not serve before the
 #   node warns (a Pi's k3s serves within 20-60 s of starting)
 BOOTSTRAP_PROVE_RETRY = 0.5  # s between proofs of a bootstrapper whose k3s is still starting
@@ -98,6 +100,9 @@ FORMATION_TICK = 0.25  # s: the longest the formation loop waits without an obse
 IDLE_WAKE = 3600.0  # s: the same, once the gate is open (nothing left to time)
 ABSENCE_ROUNDS = 2  # consecutive absent live rounds (DESIGN.md §A "Double-absence gate")
 ABSENCE_ROUND_GAP = 1.0  # s at least between the starts of counted rounds (DESIGN.md §A)
+ADMISSION_IDLE_ROUND = 5.0  # s between a serving server's live rounds while a server slot is
+#   free and no fresh node is listed: a joiner Avahi's browser never lists again (after a
+#   partition heals) is still heard and admitted
 ROUND_RETRY = 1.0  # s before a failed live round is asked for again (no address, sockets refused)
 
 # --- k3s files (agent/cluster/k3s.py; k3s pkg/clientaccess/token.go, pkg/configfilearg) ---

@@ -18,6 +18,7 @@ class Advertise:
     leader: str = ""
     ca: str = ""
     vote: str = ""
+    admit: str = ""
 
 
 @dataclass(frozen=True)

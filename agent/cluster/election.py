@@ -24,10 +24,10 @@ The rules, each with the fault it answers:
    where one node is a quorum, this is all that keeps two nodes that stood a moment apart from
    both releasing): a node whose advert left the wire re-proves it is visible.
 6. A server that a wire proof shows serving is joined, whatever the node's state; as a server
-   while fewer than `servers` servers exist, else as an agent. Server joins go one at a time in
-   key order (etcd admits one learner at a time): a joiner waits for every server that does not
-   serve yet and every live candidate with a lower key, each for at most `join_order_wait`, and
-   for a joiner no round hears (dead as a learner?) until k3s would have removed it.
+   while fewer than `servers` servers exist, else as an agent. Server joins go one at a time
+   (etcd admits one learner at a time), admitted by the cluster: the lowest serving server
+   advertises `admit=` for the lowest live fresh node once no other server is starting or
+   joining (joins.py, admission), and a server joiner releases only when admitted.
 7. A node that cannot run k3s (a blocking prerequisite fails) neither stands, votes nor binds.
 
 Why one cluster. Releasing cluster-init takes q supporters; each node supports at most one
@@ -241,9 +241,13 @@ class Formation:
     def wake_at(self, now: float) -> float:
         """When step() may decide something new without a new observation."""
         if self.released is not None:
-            if self._local_ca is not None and now < self._api_at + self.timings.voter_settle:
-                return self._api_at + self.timings.voter_settle
-            return now + const.IDLE_WAKE  # after the release only observations matter
+            after = [now + const.IDLE_WAKE]  # after the release observations matter, and:
+            if self._local_ca is not None:
+                after.append(self._api_at + self.timings.voter_settle)
+            if self._admission_pace(now) is not None:  # admitting joiners
+                after += [self._round_due, *self.joins.wake_times()]
+                after.append(self.view.next_change(now) or now)
+            return self._next(now, after)
         t = self.timings
         candidates = [now + const.FORMATION_TICK, self._round_due]
         if self._published_at is not None:
@@ -254,8 +258,12 @@ class Formation:
         if self._unseen_since is not None:
             candidates.append(self._unseen_since + t.stall_warn)
         candidates.append(self.view.next_change(now) or now)
+        return self._next(now, candidates)
+
+    @staticmethod
+    def _next(now: float, candidates: list[float]) -> float:
         future = [c for c in candidates if c > now]
-        return min(future) if future else now + const.FORMATION_TICK
+        return min(future, default=now + const.FORMATION_TICK)
 
     # -- the phases ---------------------------------------------------------------------------
 
@@ -363,10 +371,11 @@ class Formation:
                 return
             slot = self.joins.server_slot(self.view, now)
             mode: ReleaseMode = "join-server" if slot else "join-agent"
-            if mode == "join-server" and (ahead := self.joins.turn(self.view, now, server)):
+            if mode == "join-server" and self.joins.admitted(self.view, now) is None:
                 self.status = (
-                    f"join: waiting for {ahead.host} to become a voting member first "
-                    "(etcd admits one learner at a time)"
+                    f"join: waiting for {server.host} to admit this node as a server (it admits "
+                    f"{self.view.host_of(server.admit) or 'no one'} now; etcd admits one "
+                    "learner at a time)"
                 )
                 return
             self._release(
@@ -391,25 +400,32 @@ class Formation:
             self._advertise(actions, Advertise(Role.AGENT, v.SERVING, leader, vote=vote))
             self.status = "agent: joined the cluster"
             return
+        admit = ""
         if self._local_ca is not None:
             self.phase = Phase.SERVING
             self.status = "serving: k3s API up on 6443"
-        if self._local_ca is not None and now >= self._api_at + self.timings.voter_settle:
-            # `serving` tells server joiners it is their turn: etcd refuses a new member until
-            # every voter has been connected for its health interval, so a node that just
-            # became one says so only that much later (joins.py, server joins in turn).
-            self._advertise(
-                actions, Advertise(Role.SERVER, v.SERVING, leader, self._local_ca, vote)
-            )
-            return
+            # A server admits the next server joiner (joins.py, admission), from what live
+            # rounds hear while fresh nodes are about.
+            settled = now >= self._api_at + self.timings.voter_settle
+            admit = self.joins.admission(self.view, now, settled)
+            if (pace := self._admission_pace(now)) is not None:
+                self._keep_rounds(now, actions, pace)
+            if settled:
+                # `serving` tells server joiners it is their turn: etcd refuses a new member
+                # until every voter has been connected for its health interval, so a node that
+                # just became one says so only that much later (joins.py, server joins in turn).
+                self._advertise(actions, Advertise(
+                    Role.SERVER, v.SERVING, leader, self._local_ca, vote, admit
+                ))
+                return
         # Released, k3s starting: say so on the wire at once, and by an in-place TXT update
         # where a rename (~1 s of probing, no advert) would hide that this node took a slot.
         if release.mode == "join-server":
-            advert = Advertise(Role.CANDIDATE, v.JOINING, leader, vote=vote)
+            advert = Advertise(Role.CANDIDATE, v.JOINING, leader, vote=vote, admit=admit)
         elif release.mode == "member":
-            advert = Advertise(Role.SERVER, v.STARTING, leader, self.ca_on_disk, vote)
+            advert = Advertise(Role.SERVER, v.STARTING, leader, self.ca_on_disk, vote, admit)
         else:
-            advert = Advertise(Role.BOOTSTRAP, v.STARTING, leader, vote=vote)
+            advert = Advertise(Role.BOOTSTRAP, v.STARTING, leader, vote=vote, admit=admit)
         self._advertise(actions, advert)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -438,13 +454,24 @@ class Formation:
         actions.append(release)
         self._after_release(now, actions)
 
-    def _keep_rounds(self, now: float, actions: list[Action]) -> None:
-        """Rounds run back to back until the release: liveness and absence both come from them."""
+    def _keep_rounds(self, now: float, actions: list[Action], pace: float = 0.0) -> None:
+        """Rounds run back to back until the release: liveness and absence both come from them
+        (after it, `pace` apart while this server may admit joiners)."""
         due = max(self._gate.next_round_at() or now, self._round_due)
         if not self._round_in_flight and now >= due:
             self._round_in_flight = True
-            self._round_due = now + self.timings.round_retry
+            self._round_due = now + max(self.timings.round_retry, pace)
             actions.append(RunRound())
+
+    def _admission_pace(self, now: float) -> float | None:
+        """How far apart a serving server runs live rounds to admit joiners, None for not at
+        all: back to back while a fresh node is listed, else slowly while a server slot is
+        free (Avahi's browser may never list a node heard again after a partition heals)."""
+        if self._local_ca is None:
+            return None
+        if self.joins.fresh_about(self.view, now):
+            return 0.0
+        return const.ADMISSION_IDLE_ROUND if self.joins.slot_free(self.view, now) else None
 
     def _advertise(self, actions: list[Action], advert: Advertise) -> None:
         if advert != self._advertised:

@@ -7,15 +7,15 @@
 - Servers or agents: a joiner takes a server slot while the servers, released joiners and
   bootstrappers it knows, and the live candidates with lower keys (they join first), number
   fewer than `servers`.
-- Server joins go one at a time, in key order: etcd admits one learner at a time ("too many
-  learner members in cluster"; k3s before v1.26.5/v1.27.2 exits on it). A server joiner waits
-  for every server that does not serve yet (a joiner still a learner, a member restarting) and
-  every live fresh node with a lower key (a candidate, or a bootstrapper that lost and now joins),
-  each for at most `order_wait` since it first saw it in that phase. The waits run side by side:
-  with k dead joiners ahead a node waits `order_wait`, not k times it. A joiner that no live
-  round hears may have died as a learner, and etcd keeps a dead learner until k3s removes it
-  (5 min without progress): it is waited for until `learner_removal` after it was last heard,
-  since any server join before that is refused.
+- Server joins go one at a time, admitted by the cluster: etcd admits one learner at a time
+  ("too many learner members in cluster"; k3s before v1.26.5/v1.27.2 exits on it), and two
+  joiners that cannot see each other (loss, a partition) would both try. So one node decides:
+  the lowest serving server a live round hears advertises `admit=<key>` for the lowest live
+  fresh node, once every other server serves (a joiner still a learner, a member restarting:
+  each waited for at most `order_wait` since first seen in that phase, side by side; a joiner
+  that no live round hears, dead as a learner?, until `learner_removal` after it was last heard,
+  since etcd keeps a dead learner until k3s removes it). A grant stands until its node takes
+  it or `order_wait` passes; a server joiner releases only when some server admits it.
 - A cluster is known while any advert of one is listed or held, a starting one included (its
   proof is refused until its k3s serves, and a released bootstrapper that died after minting its
   CA is a cluster when it returns); only a server that claims to serve and fails its proof is
@@ -59,6 +59,8 @@ class Joins:
     _retry_at: dict[str, float] = field(default_factory=dict)  # not proven again before
     _dead_until: dict[str, float] = field(default_factory=dict)  # claimed serving, failed
     _blocked_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    _grant: tuple[str, str, float] | None = None  # (ident, key, since) of the node admitted
+    _passed: set[str] = field(default_factory=set)  # let their grants lapse: come last
 
     def proof_done(self, now: float, advert: NodeAdvert, ok: bool, reason: str) -> Event:
         """Record a wire proof's outcome; the event to log."""
@@ -109,26 +111,82 @@ class Joins:
             a.ident for a in view.adverts(now)
             if self.counts(a) and (a.bootstrapping or (a.cluster_side and a.role != Role.AGENT))
         }
-        return len(taken | {a.ident for a in self._ahead(view, now)}) < self.servers
+        ahead = {a.ident for a in self._fresh(view, now) if a.key < self.key}
+        return len(taken | ahead) < self.servers
 
-    def _ahead(self, view: View, now: float) -> list[NodeAdvert]:
-        """Live fresh nodes with lower keys: they take server slots, and join, before us."""
+    def admission(self, view: View, now: float, settled: bool) -> str:
+        """As a server whose API answers: the key of the fresh node admitted to join as a
+        server now, or "" (a join in flight, no free slot, or a lower server admits).
+
+        One node admits, the lowest serving server a live round hears, so two joiners that
+        cannot see each other still join one at a time. It admits the lowest live fresh key
+        once no other server is starting or joining (each waited for: `_first_waited`) and,
+        unless it is the only server, once it has `settled` (etcd's health interval). A grant
+        stands until its node is seen to take it or `order_wait` passes, heard or not (a
+        joiner's advert lost on the wire must not pass its turn to another); a node that let
+        its grant lapse comes after every other."""
+        live = view.live(now)
+        if any(a.role == Role.SERVER and a.phase == v.SERVING and a.key < self.key for a in live):
+            return ""
+        if not self.slot_free(view, now) or (self._servers(view, now) and not settled):
+            return ""
+        if self._first_waited(view, now, self._busy(view, now)):
+            return ""
+        if self._grant is not None:
+            ident, key, since = self._grant
+            taken = any(a.ident == ident and not a.fresh for a in view.known(now))
+            if not taken and now < since + self.order_wait:
+                return key
+            if not taken:
+                self._passed.add(ident)
+            self._grant = None
+        fresh = sorted(self._fresh(view, now), key=lambda a: (a.ident in self._passed, a.key))
+        if not fresh:
+            return ""
+        self._grant = (fresh[0].ident, fresh[0].key, now)
+        self._passed.discard(fresh[0].ident)
+        return fresh[0].key
+
+    def _servers(self, view: View, now: float) -> set[str]:
+        return {
+            a.ident for a in view.adverts(now)
+            if self.counts(a) and a.cluster_side and a.role != Role.AGENT
+        }
+
+    def slot_free(self, view: View, now: float) -> bool:
+        """As a server: fewer servers than `servers` are known, ourselves included."""
+        return len(self._servers(view, now)) + 1 < self.servers
+
+    def admitted(self, view: View, now: float) -> NodeAdvert | None:
+        """A server that admits us, or None (any one: etcd's learner slot is one for the whole
+        cluster, whichever server is asked)."""
+        return next((
+            a for a in view.known(now)
+            if a.cluster_side and a.admit == self.key and self.counts(a)
+        ), None)
+
+    def _busy(self, view: View, now: float) -> list[NodeAdvert]:
+        """Servers that do not serve yet: starting members and joiners (maybe etcd learners)."""
         return [
-            a for a in view.live(now)
-            if a.key < self.key and (
-                a.bootstrapping or (a.role == Role.CANDIDATE and a.phase in (v.DISCOVER, v.BOUND))
-            )
+            a for a in view.known(now)
+            if a.cluster_side and a.role != Role.AGENT and a.phase != v.SERVING
+            and self.counts(a)
         ]
 
-    def turn(self, view: View, now: float, server: NodeAdvert) -> NodeAdvert | None:
-        """Whom a server join waits for, or None: our turn."""
-        pending = [
-            a for a in view.known(now)
-            if a.ident != server.ident and a.cluster_side and a.role != Role.AGENT
-            and a.phase != v.SERVING and self.counts(a)
-        ] + self._ahead(view, now)
-        # Every wait starts when its node is first seen in that phase, all at once: a node
-        # that moves on (a candidate that starts to join) is waited for afresh.
+    def fresh_about(self, view: View, now: float) -> bool:
+        """A fresh node's advert is listed or held: someone may want to join."""
+        return any(a.fresh for a in view.known(now))
+
+    def _fresh(self, view: View, now: float) -> list[NodeAdvert]:
+        """Live fresh nodes: free or bound candidates, and bootstrappers (that lost, or join)."""
+        return [a for a in view.live(now) if a.fresh]
+
+    def _first_waited(
+        self, view: View, now: float, pending: list[NodeAdvert]
+    ) -> NodeAdvert | None:
+        """The lowest-keyed node still waited for. Every wait starts when its node is first
+        seen in that phase, all at once: a node that moves on (a candidate that starts to
+        join) is waited for afresh."""
         live = {a.ident for a in view.live(now)}
         for a in sorted(pending, key=lambda a: a.key):
             since = self._blocked_since.setdefault((a.ident, a.phase), now)
@@ -141,5 +199,6 @@ class Joins:
 
     def wake_times(self) -> list[float]:
         """When a hold-down or an order wait ends."""
-        ends = [since + self.order_wait for since in self._blocked_since.values()]
+        granted = [self._grant[2]] if self._grant is not None else []
+        ends = [since + self.order_wait for since in [*self._blocked_since.values(), *granted]]
         return [*self._retry_at.values(), *ends]

@@ -7,8 +7,9 @@ Two sources feed it, and they are not worth the same:
   answer, so an advert a round heard is *live* for `live_ttl` after the round started.
 
 An advert the browser removed is still *held* for a while: a candidate for `candidate_hold` (its
-rename to "(bootstrap)" or "(server)" takes a probe, ~1 s), a server, bootstrapper or agent for
-`dead_hold` (an avahi-daemon restart hides a node's adverts for 2.5-4 s, measured in the lab).
+rename to "(bootstrap)" or "(server)" takes a probe, ~1 s), a joiner, server, bootstrapper or
+agent for `dead_hold` (an avahi-daemon restart hides a node's adverts for 2.5-4 s, measured in
+the lab).
 
 Nodes are identified by their election key, not by instance or host name: a node's instance name
 changes with its role, and two nodes may share a host name.
@@ -46,6 +47,7 @@ class NodeAdvert:
     address: str = ""  # where its 6443 is reached
     phase: str = ""
     vote: str = ""  # election key it votes for (phase discover) or is bound to (phase bound)
+    admit: str = ""  # a serving server: the key of the fresh node it admits as a server now
 
     @property
     def ident(self) -> str:
@@ -71,6 +73,13 @@ class NodeAdvert:
     @property
     def bootstrapping(self) -> bool:
         return self.role == Role.BOOTSTRAP and self.phase == BOOTSTRAPPING
+
+    @property
+    def fresh(self) -> bool:
+        """Not released yet, and may join: a free or bound candidate, or a bootstrapper."""
+        return self.bootstrapping or (
+            self.role == Role.CANDIDATE and self.phase in (DISCOVER, BOUND)
+        )
 
     @property
     def free(self) -> bool:
@@ -145,8 +154,13 @@ class View:
             return now < seen.live_at + self.holds.live_ttl
         if seen.present:
             return True
-        hold = self.holds.candidate if seen.advert.role == Role.CANDIDATE else self.holds.dead
-        return now < seen.gone_at + hold
+        return now < seen.gone_at + self._hold(seen.advert)
+
+    def _hold(self, advert: NodeAdvert) -> float:
+        """A fresh candidate's advert is held while it renames; a joiner's (maybe an etcd
+        learner whose agent restarts) and any server's, bootstrapper's or agent's longer."""
+        return self.holds.candidate if advert.role == Role.CANDIDATE and not advert.cluster_side \
+            else self.holds.dead
 
     def _live(self, now: float, seen: _Seen) -> bool:
         return now < seen.live_at + self.holds.live_ttl
@@ -165,6 +179,10 @@ class View:
             (s.live_at for s in self._seen.values() if s.advert.ident == ident),
             default=float("-inf"),
         )
+
+    def host_of(self, key: str) -> str:
+        """The host name a node with this election key last advertised, "" if none."""
+        return next((s.advert.host for s in self._seen.values() if key and s.advert.key == key), "")
 
     def adverts(self, now: float) -> list[NodeAdvert]:
         """Every advert listed or held, older names of a node included (renames in flight)."""
@@ -193,10 +211,7 @@ class View:
             if seen.live_at > float("-inf"):
                 times.append(seen.live_at + self.holds.live_ttl)
             if seen.browsed and not seen.present:
-                hold = self.holds.candidate if seen.advert.role == Role.CANDIDATE else (
-                    self.holds.dead
-                )
-                times.append(seen.gone_at + hold)
+                times.append(seen.gone_at + self._hold(seen.advert))
         future = [t for t in times if t > now]
         return min(future) if future else None
 
@@ -241,7 +256,7 @@ def to_node_adverts(records: list[LiveRecord], own_key: str) -> list[NodeAdvert]
                 name=record.name, host=advert.host or normalize_host(record.host),
                 role=advert.role, key=advert.key, ca=advert.ca,
                 address=record.addresses[0] if record.addresses else advert.ip4,
-                phase=advert.phase, vote=advert.vote,
+                phase=advert.phase, vote=advert.vote, admit=advert.admit,
             )
         )
     return adverts

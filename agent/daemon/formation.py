@@ -261,7 +261,7 @@ class FormationRunner:
             cluster=self._settings.cluster, env=self._settings.env, role=action.role,
             phase=action.phase, host=self._host, leader=action.leader,
             ip4=self._iface.ip4, ip6=self._iface.ip6, key=self.machine.key, ca=action.ca,
-            vote=action.vote,
+            vote=action.vote, admit=action.admit,
         )
         name = instance_name(
             self._settings.cluster, self._settings.env, self._hostname, action.role
@@ -445,7 +445,8 @@ class FormationRunner:
             return
         a = peer.advert
         self.machine.advert_seen(now, NodeAdvert(
-            change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote
+            change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote,
+            a.admit,
         ))
 
     # -- plumbing -----------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class Advert:
     key: str = ""
     ca: str = ""
     vote: str = ""  # the election key this node votes for, or is bound to (agent/cluster/)
+    admit: str = ""  # a serving server: the key of the fresh node it admits to join as a server
     v: int = SCHEMA_VERSION
 
 
@@ -98,7 +99,7 @@ _REQUIRED = ("cluster", "env", "role")
 # DESIGN.md §A: the bash scripts' keys, then ours from v on.
 _TXT_ORDER = (
     "k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca",
-    "vote",
+    "vote", "admit",
 )
 
 
@@ -292,7 +293,8 @@ def parse_advert(items: Iterable[bytes]) -> Advert:
         cluster=values["cluster"], env=values["env"], role=role, phase=values.get("phase", ""),
         host=values.get("host", ""), leader=values.get("leader", ""), ip4=values.get("ip4", ""),
         ip6=values.get("ip6", ""), key=values.get("key", ""), ca=values.get("ca", ""),
-        vote=values.get("vote", ""), v=int(values.get("v", SCHEMA_VERSION)),
+        vote=values.get("vote", ""), admit=values.get("admit", ""),
+        v=int(values.get("v", SCHEMA_VERSION)),
     )
 
 

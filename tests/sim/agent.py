@@ -134,7 +134,8 @@ class Agent:
     def _advertise(self, a: Advertise) -> None:
         m = self.m
         name = instance(m.host, a.role)
-        advert = NodeAdvert(name, m.host, a.role, self.f.key, a.ca, str(m.idx), a.phase, a.vote)
+        advert = NodeAdvert(name, m.host, a.role, self.f.key, a.ca, str(m.idx), a.phase, a.vote,
+                             a.admit)
         self.names[name] = a.role
         if self.wanted is not None and self.wanted[0] == name:
             self.wanted = (name, advert)

@@ -172,6 +172,8 @@ class K3s:
         if old and w.quorum(cluster):
             cluster.voters -= old  # k3s removes the member its node name had before
             w.recompute(cluster.ca)
+        if cluster.learner is not None and cluster.learner[0] == me[0] and w.quorum(cluster):
+            cluster.learner = None  # a learner of that name too (a node re-flashed mid-join)
         if not w.quorum(cluster):
             self._exit()  # MemberAdd times out without a quorum; k3s exits
             return

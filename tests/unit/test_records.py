@@ -68,11 +68,14 @@ adverts = st.builds(
     ip4=st.one_of(st.just(""), st.ip_addresses(v=4).map(str)),
     ip6=st.one_of(st.just(""), ip6s),
     key=values,
+    vote=values,
+    admit=values,
     ca=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
     v=st.integers(min_value=1, max_value=999_999_999),
 )
 txt_keys = st.sampled_from(
-    ["k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca"]
+    ["k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca",
+     "vote", "admit"]
 )
 near_valid_items = st.one_of(
     st.binary(max_size=300),
@@ -89,12 +92,13 @@ def test_golden_layout() -> None:
     node = Advert(
         cluster="sugar", env="dev", role=Role.BOOTSTRAP, phase="electing", host="node1.local",
         leader="node2.local", ip4="192.168.50.11", ip6="fe80::1%eth0", key="0042-ab", ca=CA,
-        vote="0011-aa",
+        vote="0011-aa", admit="0077-cc",
     )
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=bootstrap", b"phase=electing",
         b"leader=node2.local", b"host=node1.local", b"ip4=192.168.50.11", b"ip6=fe80::1%eth0",
         b"v=1", b"key=0042-ab", b"ca=" + CA.encode(), b"vote=0011-aa",
+        b"admit=0077-cc",
     ]
 
 
@@ -103,6 +107,7 @@ def test_empty_values_keep_their_equals_sign() -> None:
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=candidate", b"phase=", b"leader=",
         b"host=", b"ip4=", b"ip6=", b"v=1", b"key=", b"ca=", b"vote=",
+        b"admit=",
     ]
 
 
