@@ -29,6 +29,10 @@ The rules, each with the fault it answers:
    advertises `admit=` for the lowest live fresh node once no other server is starting or
    joining (joins.py, admission), and a server joiner releases only when admitted.
 7. A node that cannot run k3s (a blocking prerequisite fails) neither stands, votes nor binds.
+8. A node whose server join was cut short before its etcd started (a power cut in the seconds
+   between its release and etcd's first write) is no member: its k3s would ask etcd to add it
+   again, so it joins again, admitted like any joiner; it never stands nor votes (its disk
+   holds the cluster's CA: a cluster-init there would be a second etcd under the same CA).
 
 Why one cluster. Releasing cluster-init takes q supporters; each node supports at most one
 bootstrapper ever, because its promise is permanent (persisted across restarts) and a
@@ -124,6 +128,7 @@ class Formation:
     ca_on_disk: str = ""  # a member's cluster CA hash, advertised before k3s serves it
     can_join: bool = True  # False without a token: k3s cannot join anything
     ineligible: str = ""  # why k3s cannot run here ("" when it can): the node does not stand
+    rejoin: bool = False  # a server join cut short before etcd started: join again (rule 8)
     bound: str = ""  # the key this node promised its support to ("" free; its own: stood)
     bound_host: str = ""
     stype: str = ""
@@ -229,6 +234,12 @@ class Formation:
         self._keep_rounds(now, actions)
         if (server := self.joins.server(self.view, now)) is not None:
             self._join(now, server, actions)
+        elif self.rejoin:
+            self.phase = Phase.BOUND
+            self._advertise_fresh(now, actions)
+            self.status = (
+                "rejoin: a server join was cut short before etcd started; waiting for a server"
+            )
         elif self.bound == self.key:
             self._stand(now, actions)
         elif self.bound:
@@ -312,7 +323,9 @@ class Formation:
     def _advertise_fresh(self, now: float, actions: list[Action]) -> None:
         """Say what this unreleased node is: standing, bound, or a free candidate and its vote
         (also while it proves or waits to join a server: others count it for slots and turns)."""
-        if self.bound == self.key:
+        if self.rejoin:  # bound to whichever server admits it: neither free nor standing
+            advert = Advertise(Role.CANDIDATE, v.BOUND, self.bound_host or self.host, vote="")
+        elif self.bound == self.key:
             advert = Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, self.host, vote=self.key)
         elif self.bound:
             advert = Advertise(Role.CANDIDATE, v.BOUND, self.bound_host, vote=self.bound)

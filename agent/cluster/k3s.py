@@ -34,6 +34,7 @@ from agent import const
 
 K3S_STATE = "var/lib/rancher/k3s"
 SERVER_DB = K3S_STATE + "/server/db"
+ETCD_WAL = SERVER_DB + "/etcd/member/wal"  # k3s's test of an initialized etcd (isInitialized)
 AGENT_DIR = K3S_STATE + "/agent"
 AGENT_MARKER = AGENT_DIR + "/client-kubelet.crt"
 SERVER_CA = K3S_STATE + "/server/tls/server-ca.crt"  # what /cacerts serves
@@ -164,6 +165,11 @@ def membership(root: Path) -> Membership:
     if (root / AGENT_MARKER).is_file():
         return Membership.AGENT
     return Membership.NONE
+
+
+def etcd_initialized(root: Path) -> bool:
+    """Whether this server's etcd ever started: else a restarted k3s asks to be added again."""
+    return (root / ETCD_WAL).is_dir()
 
 
 def ca_on_disk(root: Path) -> str:

@@ -127,7 +127,10 @@ class FormationRunner:
             stored, damaged = None, str(err)
             log.event("ballot_damaged", "error", error=damaged)
         self._ballot = stored or ballot.Ballot.new()
-        member = self._membership()
+        member, rejoin = self._membership(), self._rejoin()
+        if rejoin:
+            member = None
+            log.event("rejoin", "warning", reason="server join cut short before etcd started")
         self.machine = Formation(
             host=self._host,
             key=self._ballot.key,
@@ -137,6 +140,7 @@ class FormationRunner:
             stype=self._stype,
             can_join=self._token is not None,
             ineligible=damaged,
+            rejoin=rejoin,
             bound=self._ballot.bound,
             bound_host=self._ballot.bound_host,
         )
@@ -154,6 +158,15 @@ class FormationRunner:
         if held == k3s.Membership.SERVER or mode:
             return Role.SERVER
         return None
+
+    def _rejoin(self) -> bool:
+        """Rule 8 (election.py): released as a joining server at an earlier boot (no release
+        marker this boot), and its etcd never started."""
+        marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+        return (
+            not marker.exists() and self._ballot.released == "join-server"
+            and not k3s.etcd_initialized(self._root)
+        )
 
     async def _check_prerequisites(self) -> None:
         """A fresh node that cannot run k3s does not stand (members release whatever this says:

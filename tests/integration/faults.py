@@ -23,6 +23,7 @@ from agent.cluster import k3s
 from agent.const import LEARNER_REMOVAL
 from tests.integration.formation import (
     ETCDCTL,
+    TOKEN,
     PiNode,
     assert_one_cluster,
     etcd_status,
@@ -326,6 +327,39 @@ def concurrent_server_joins(lab: Lab, logs: Path) -> Outcome:
     return outcome("concurrent server joins", pis, started, 3)
 
 
+def join_cut_short_before_etcd(lab: Lab, logs: Path) -> Outcome:
+    """A node released join-server and lost power before its k3s asked etcd to add it: its
+    ballot says released, its drop-in names the server, its etcd never started. Before: it was
+    a member at boot and its k3s joined at once, past the cluster's one-learner admission."""
+    seed_key(lab.node(1), LOW)
+    seed_key(lab.node(2), MID)
+    first = [PiNode(n, logs) for n in lab.nodes[:2]]
+    for pi in first:
+        pi.start()
+    wait_formed(first, FORM_TIMEOUT)
+    boot = wait_released(first, "cluster-init", 1)
+    cut = lab.node(3)
+    cut.path("/var/lib/sugarkube").mkdir(parents=True, exist_ok=True)
+    cut.path("/var/lib/sugarkube/ballot.json").write_text(json.dumps({
+        "key": HIGH, "bound": LOW, "bound_host": f"{boot.node.name}.local",
+        "released": "join-server",
+    }))
+    dropin = cut.path(f"/{k3s.OUR_DROPIN}")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(k3s.render_dropin(k3s.Release(
+        "join-server", k3s.api_url(boot.node.addr), TOKEN,
+        ("sugarkube.io/cluster=sugar",),
+    )))
+    dropin.chmod(0o600)
+    started = time.monotonic()
+    late = PiNode(cut, logs).start()
+    pis = [*first, late]
+    wait_formed(pis, FORM_TIMEOUT)
+    assert late.agent is not None and late.agent.events("rejoin"), late.agent.tail()
+    assert released_mode(late) == "join-server"  # admitted, not a member at once
+    return outcome("a join cut short before etcd started", pis, started, 3)
+
+
 def joiner_dies_as_a_learner(lab: Lab, logs: Path) -> Outcome:
     """The first server joiner loses power the moment etcd has added it as a learner; k3s
     serves slowly. etcd refuses every other learner until k3s removes the dead one (5 min
@@ -358,4 +392,5 @@ SCENARIOS: dict[str, Scenario] = {
     "partition_1_1_1": partition_1_1_1,
     "cannot_run_k3s": bootstrapper_cannot_run_k3s,
     "concurrent_joins": concurrent_server_joins,
+    "join_cut_short": join_cut_short_before_etcd,
 }

@@ -53,13 +53,18 @@ class Agent:
         self.w = machine.world
         disk = machine.disk
         member = self._membership()
-        self.fresh = member is None
+        # FormationRunner._rejoin: a join-server release at an earlier boot, etcd never started.
+        rejoin = not machine.marker and disk.released == "join-server" and not disk.etcd_init
+        if rejoin:
+            member = None
+        self.fresh = member is None and not rejoin  # may vote and stand
         self.f = Formation(
             host=machine.host,
             key=disk.key or self.w.new_key(),  # ballot.Ballot.new(): saved at a Bind or release
             servers=self.w.s.servers,
             member=member,
             ca_on_disk=disk.k3s_ca if member == Role.SERVER else "",
+            rejoin=rejoin,
             stype=STYPE,
             bound=disk.bound,
             bound_host=disk.bound_host,

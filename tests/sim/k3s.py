@@ -113,6 +113,7 @@ class K3s:
     def _run(self, inc: int, ready: float, *, etcd: bool) -> None:
         if etcd:
             self.etcd_since = self.w.now
+            self.m.disk.etcd_init = True
             self.w.recompute(self.m.disk.k3s_ca)
         self.w.at(max(ready, self.w.now), self._up, inc)
 

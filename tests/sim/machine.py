@@ -28,6 +28,7 @@ class Disk:
     target: int | None = None
     k3s_ca: str = ""
     k3s_role: str = ""
+    etcd_init: bool = False  # k3s's etcd started from this disk (server/db/etcd/member/wal)
 
 
 class Machine:

@@ -621,3 +621,31 @@ def test_a_joiner_no_round_hears_holds_admission_until_k3s_would_remove_it() -> 
     lan.run(500.0, stop=_admits)
     assert _admits(f) == KEY["7"]
     assert 30.0 + 328.0 <= lan.t <= 30.0 + 331.0  # LEARNER_REMOVAL after it was last heard
+
+
+# -- rule 8: a server join cut short before etcd started ---------------------------------------
+
+
+def test_a_join_cut_short_before_etcd_started_joins_again_admitted_and_never_stands() -> None:
+    # Bound to itself too: a bootstrapper that lost and joined. Its disk has the cluster's CA.
+    f = _node(key="5", rejoin=True, bound=KEY["5"], bound_host="a.local")
+    peer = _ad("p.local", Role.CANDIDATE, "7", vote="5")
+    lan = Lan(f, [peer])
+    f.advert_seen(0.0, peer)
+    actions = lan.run(30.0)
+    assert f.released is None and not any(isinstance(a, Bind) for a in actions)
+    assert {a for a in actions if isinstance(a, Advertise)} == {
+        Advertise(Role.CANDIDATE, v.BOUND, "a.local")  # neither free (no vote) nor standing
+    }
+    assert f.status.startswith("rejoin: a server join was cut short")
+    server = _ad("s.local", Role.SERVER, "1")
+    f.advert_seen(lan.t, server)
+    lan.live = [server]
+    lan.serving.add("s.local")
+    lan.run(40.0)
+    assert f.released is None and "to admit this node" in f.status
+    admits = _ad("s.local", Role.SERVER, "1", admit="5")
+    f.advert_seen(lan.t, admits)
+    lan.live = [admits]
+    lan.run(42.0, stop=lambda f: f.released)
+    assert f.released == Release("join-server", admits)
