@@ -100,6 +100,9 @@ FORMATION_TICK = 0.25  # s: the longest the formation loop waits without an obse
 IDLE_WAKE = 3600.0  # s: the same, once the gate is open (nothing left to time)
 ABSENCE_ROUNDS = 2  # consecutive absent live rounds (DESIGN.md §A "Double-absence gate")
 ABSENCE_ROUND_GAP = 1.0  # s at least between the starts of counted rounds (DESIGN.md §A)
+DB_INFO_MAX = 1 << 20  # bytes of k3s's /db/info answer read at most (a few hundred a member)
+ETCD_INFO_TTL = 10.0  # s a server acts on its etcd's member list (k3s's /db/info, asked at
+#   every live round while it admits joiners)
 ADMISSION_IDLE_ROUND = 5.0  # s between a serving server's live rounds while a server slot is
 #   free and no fresh node is listed: a joiner Avahi's browser never lists again (after a
 #   partition heals) is still heard and admitted

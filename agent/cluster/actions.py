@@ -19,6 +19,7 @@ class Advertise:
     ca: str = ""
     vote: str = ""
     admit: str = ""
+    members: int = 0  # etcd's members, 0 unknown
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ The rules, each with the fault it answers:
 6. A server that a wire proof shows serving is joined, whatever the node's state; as a server
    while fewer than `servers` servers exist, else as an agent. Server joins go one at a time
    (etcd admits one learner at a time), admitted by the cluster: the lowest serving server
-   advertises `admit=` for the lowest live fresh node once no other server is starting or
-   joining (joins.py, admission), and a server joiner releases only when admitted.
+   advertises `admit=` for the lowest live fresh node once no other server is starting,
+   joining or silent and its etcd holds no learner (joins.py, admission), and a server joiner
+   releases only when admitted.
 7. A node that cannot run k3s (a blocking prerequisite fails) neither stands, votes nor binds.
 8. A node whose server join was cut short before its etcd started (a power cut in the seconds
    between its release and etcd's first write) is no member: its k3s would ask etcd to add it
@@ -72,7 +73,7 @@ from agent.cluster.actions import (
     RunRound,
 )
 from agent.cluster.gate import AbsenceGate
-from agent.cluster.joins import Joins
+from agent.cluster.joins import EtcdMembers, Joins
 from agent.cluster.view import NodeAdvert, View
 from agent.mdns.records import Role
 
@@ -109,6 +110,7 @@ class Timings:
     join_order_wait: float = const.JOIN_ORDER_WAIT
     learner_removal: float = const.LEARNER_REMOVAL
     voter_settle: float = const.ETCD_VOTER_SETTLE
+    etcd_ttl: float = const.ETCD_INFO_TTL
     stall_warn: float = const.JOIN_STALL_WARN
 
 
@@ -156,7 +158,7 @@ class Formation:
         self.view = View(self.key, v.Holds(t.candidate_hold, t.dead_hold, t.live_ttl))
         self.joins = Joins(
             self.key, self.servers, t.bootstrap_retry, t.dead_hold, t.join_order_wait,
-            t.learner_removal,
+            t.learner_removal, t.etcd_ttl,
         )
 
     @property
@@ -215,6 +217,10 @@ class Formation:
     def local_api(self, now: float, ca_sha256: str) -> None:
         """The local k3s API answers on 6443, serving this CA."""
         self._local_ca, self._api_at = ca_sha256, now
+
+    def etcd_members(self, now: float, members: int, learners: int) -> None:
+        """This server's etcd lists `members`, `learners` of them learners (k3s's /db/info)."""
+        self.joins.etcd = EtcdMembers(members, learners, now)
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -427,8 +433,10 @@ class Formation:
                 # `serving` tells server joiners it is their turn: etcd refuses a new member
                 # until every voter has been connected for its health interval, so a node that
                 # just became one says so only that much later (joins.py, server joins in turn).
+                etcd = self.joins.etcd_now(now)
                 self._advertise(actions, Advertise(
-                    Role.SERVER, v.SERVING, leader, self._local_ca, vote, admit
+                    Role.SERVER, v.SERVING, leader, self._local_ca, vote, admit,
+                    etcd.members if etcd is not None else 0,
                 ))
                 return
         # Released, k3s starting: say so on the wire at once, and by an in-place TXT update

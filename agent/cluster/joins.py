@@ -6,16 +6,21 @@
   is asked again after `retry`, and the node says whom it waits for.
 - Servers or agents: a joiner takes a server slot while the servers, released joiners and
   bootstrappers it knows, and the live candidates with lower keys (they join first), number
-  fewer than `servers`.
+  fewer than `servers`, and so do the members a server's etcd lists (`members=`).
 - Server joins go one at a time, admitted by the cluster: etcd admits one learner at a time
   ("too many learner members in cluster"; k3s before v1.26.5/v1.27.2 exits on it), and two
   joiners that cannot see each other (loss, a partition) would both try. So one node decides:
   the lowest serving server a live round hears advertises `admit=<key>` for the lowest live
-  fresh node, once every other server serves (a joiner still a learner, a member restarting:
-  each waited for at most `order_wait` since first seen in that phase, side by side; a joiner
-  that no live round hears, dead as a learner?, until `learner_removal` after it was last heard,
-  since etcd keeps a dead learner until k3s removes it). A grant stands until its node takes
-  it or `order_wait` passes; a server joiner releases only when some server admits it.
+  fresh node, once every other server serves and is heard (a joiner still a learner, a member
+  restarting, a server gone silent: each waited for at most `order_wait` since first seen so,
+  side by side; without etcd's answer, a joiner that no live round hears, dead as a learner?,
+  until `learner_removal` after it was last heard: etcd keeps a dead learner until k3s removes
+  it). A grant
+  stands until its node takes it or `order_wait` passes; a server joiner releases only when
+  some server admits it, and joins through that one. The admitting server's own etcd has the
+  last word (k3s's /db/info, `etcd`): no admission while it holds a learner or has `servers`
+  members, whatever the adverts say; its member count goes on the wire (`members=`) for
+  joiners' slots.
 - A cluster is known while any advert of one is listed or held, a starting one included (its
   proof is refused until its k3s serves, and a released bootstrapper that died after minting its
   CA is a cluster when it returns); only a server that claims to serve and fails its proof is
@@ -30,6 +35,17 @@ from agent.cluster import view as v
 from agent.cluster.actions import Event
 from agent.cluster.view import NodeAdvert, View
 from agent.mdns.records import Role
+
+UNHEARD = "unheard"  # the state of a server no live round hears: waited for
+
+
+@dataclass(frozen=True)
+class EtcdMembers:
+    """What this server's etcd says of its members (k3s's /db/info), and when it said it."""
+
+    members: int  # voters and learners
+    learners: int
+    at: float
 
 
 @dataclass
@@ -51,6 +67,7 @@ class Joins:
     dead_hold: float  # s a server that claims to serve but fails is not proven again
     order_wait: float  # s a server join waits at most for each one ahead of it
     learner_removal: float  # s after a joiner was last heard until k3s removed it if it died
+    etcd_ttl: float  # s an answer of this server's etcd is acted on
     proving: str | None = None  # instance name under proof
     joined: NodeAdvert | None = None  # the server whose proof passed
     joined_at: float = 0.0  # when
@@ -59,6 +76,7 @@ class Joins:
     _retry_at: dict[str, float] = field(default_factory=dict)  # not proven again before
     _dead_until: dict[str, float] = field(default_factory=dict)  # claimed serving, failed
     _blocked_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    etcd: EtcdMembers | None = None  # as a server: the last answer of its etcd
     _grant: tuple[str, str, float] | None = None  # (ident, key, since) of the node admitted
     _passed: set[str] = field(default_factory=set)  # let their grants lapse: come last
 
@@ -88,14 +106,17 @@ class Joins:
         return self.counts(advert) and self._retry_at.get(advert.name, 0.0) <= now
 
     def server(self, view: View, now: float) -> NodeAdvert | None:
-        """The server to prove or join now: the one under proof, else serving ones first."""
+        """The server to prove or join now: the one under proof, else one that admits us (it
+        serves, and sees the cluster healthy), else serving ones first."""
         servers = [a for a in view.known(now) if a.joinable and self._provable(now, a)]
         for a in servers:
             if a.name == self.proving:
                 return a
         if not servers:
             return None
-        return min(servers, key=lambda a: (a.phase != v.SERVING, a.role != Role.SERVER, a.key))
+        return min(servers, key=lambda a: (
+            a.admit != self.key, a.phase != v.SERVING, a.role != Role.SERVER, a.key
+        ))
 
     def cluster_known(self, view: View, now: float) -> bool:
         """An advert that says a cluster exists, listed or held, starting ones included, unless
@@ -112,7 +133,8 @@ class Joins:
             if self.counts(a) and (a.bootstrapping or (a.cluster_side and a.role != Role.AGENT))
         }
         ahead = {a.ident for a in self._fresh(view, now) if a.key < self.key}
-        return len(taken | ahead) < self.servers
+        in_etcd = max((a.members for a in view.adverts(now) if self.counts(a)), default=0)
+        return max(len(taken | ahead), in_etcd + len(ahead)) < self.servers
 
     def admission(self, view: View, now: float, settled: bool) -> str:
         """As a server whose API answers: the key of the fresh node admitted to join as a
@@ -125,12 +147,7 @@ class Joins:
         stands until its node is seen to take it or `order_wait` passes, heard or not (a
         joiner's advert lost on the wire must not pass its turn to another); a node that let
         its grant lapse comes after every other."""
-        live = view.live(now)
-        if any(a.role == Role.SERVER and a.phase == v.SERVING and a.key < self.key for a in live):
-            return ""
-        if not self.slot_free(view, now) or (self._servers(view, now) and not settled):
-            return ""
-        if self._first_waited(view, now, self._busy(view, now)):
+        if not self._may_admit(view, now, settled):
             return ""
         if self._grant is not None:
             ident, key, since = self._grant
@@ -147,6 +164,18 @@ class Joins:
         self._passed.discard(fresh[0].ident)
         return fresh[0].key
 
+    def _may_admit(self, view: View, now: float, settled: bool) -> bool:
+        """No lower serving server admits, a slot is free, and etcd can take a learner."""
+        live = view.live(now)
+        if any(a.role == Role.SERVER and a.phase == v.SERVING and a.key < self.key for a in live):
+            return False
+        if not self.slot_free(view, now) or (self._servers(view, now) and not settled):
+            return False
+        waited = self._first_waited(view, now, self._busy(view, now, live))  # waits start now
+        if (etcd := self.etcd_now(now)) is not None and etcd.learners:
+            return False  # etcd's word: a learner it holds, heard of or not (after a power cut)
+        return waited is None
+
     def _servers(self, view: View, now: float) -> set[str]:
         return {
             a.ident for a in view.adverts(now)
@@ -154,8 +183,17 @@ class Joins:
         }
 
     def slot_free(self, view: View, now: float) -> bool:
-        """As a server: fewer servers than `servers` are known, ourselves included."""
-        return len(self._servers(view, now)) + 1 < self.servers
+        """As a server: fewer servers than `servers` are known, ourselves included, and in
+        etcd (a member powered off is one, seen or not)."""
+        etcd = self.etcd_now(now)
+        members = etcd.members if etcd is not None else 0
+        return max(len(self._servers(view, now)) + 1, members) < self.servers
+
+    def etcd_now(self, now: float) -> EtcdMembers | None:
+        """The etcd answer, while recent enough to act on."""
+        if self.etcd is None or now - self.etcd.at > self.etcd_ttl:
+            return None
+        return self.etcd
 
     def admitted(self, view: View, now: float) -> NodeAdvert | None:
         """A server that admits us, or None (any one: etcd's learner slot is one for the whole
@@ -165,13 +203,28 @@ class Joins:
             if a.cluster_side and a.admit == self.key and self.counts(a)
         ), None)
 
-    def _busy(self, view: View, now: float) -> list[NodeAdvert]:
-        """Servers that do not serve yet: starting members and joiners (maybe etcd learners)."""
-        return [
-            a for a in view.known(now)
-            if a.cluster_side and a.role != Role.AGENT and a.phase != v.SERVING
-            and self.counts(a)
-        ]
+    def _busy(
+        self, view: View, now: float, live: list[NodeAdvert]
+    ) -> list[tuple[NodeAdvert, str]]:
+        """Servers to wait for, each with the state it is waited for in: its phase while it
+        does not serve yet and is heard (a starting member, a joiner: maybe an etcd learner);
+        UNHEARD for one no live round hears (down? etcd refuses a member while a voter is down,
+        and one that comes back must be connected 5 s before the next). A silent joiner is
+        waited for as a learner (its phase) unless etcd's own answer tells of its learners."""
+        heard = {a.ident for a in live}
+        busy = []
+        for a in view.known(now):
+            if not (a.cluster_side and a.role != Role.AGENT and self.counts(a)):
+                continue
+            if a.ident in heard:
+                self._blocked_since.pop((a.ident, UNHEARD), None)  # a new silence waits anew
+                if a.phase != v.SERVING:
+                    busy.append((a, a.phase))
+            elif a.phase == v.JOINING and self.etcd_now(now) is None:
+                busy.append((a, a.phase))
+            else:
+                busy.append((a, UNHEARD))
+        return busy
 
     def fresh_about(self, view: View, now: float) -> bool:
         """A fresh node's advert is listed or held: someone may want to join."""
@@ -182,16 +235,16 @@ class Joins:
         return [a for a in view.live(now) if a.fresh]
 
     def _first_waited(
-        self, view: View, now: float, pending: list[NodeAdvert]
+        self, view: View, now: float, pending: list[tuple[NodeAdvert, str]]
     ) -> NodeAdvert | None:
         """The lowest-keyed node still waited for. Every wait starts when its node is first
-        seen in that phase, all at once: a node that moves on (a candidate that starts to
-        join) is waited for afresh."""
+        seen in that state, all at once: a node that moves on (a joiner that serves) is waited
+        for afresh."""
         live = {a.ident for a in view.live(now)}
-        for a in sorted(pending, key=lambda a: a.key):
-            since = self._blocked_since.setdefault((a.ident, a.phase), now)
+        for a, state in sorted(pending, key=lambda p: p[0].key):
+            since = self._blocked_since.setdefault((a.ident, state), now)
             until = since + self.order_wait
-            if a.phase == v.JOINING and a.ident not in live:
+            if state == v.JOINING and a.ident not in live:
                 until = max(view.heard_at(a.ident), since) + self.learner_removal
             if now < until:
                 return a

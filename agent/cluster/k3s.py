@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -170,6 +171,34 @@ def membership(root: Path) -> Membership:
 def etcd_initialized(root: Path) -> bool:
     """Whether this server's etcd ever started: else a restarted k3s asks to be added again."""
     return (root / ETCD_WAL).is_dir()
+
+
+def local_members(root: Path, timeout: float = 2.0) -> tuple[int, int] | None:
+    """(members, learners) as this server's etcd lists them, asked through k3s's /db/info on
+    127.0.0.1:6443 (open to local requests), its certificate checked against the CA on disk;
+    None when it cannot say (no etcd: sqlite; k3s down; anything unexpected)."""
+    import http.client  # lazy: servers only, and the gate need not load TLS
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=str(root / SERVER_CA))
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", const.K3S_API_PORT, timeout=timeout, context=context
+        )
+        try:
+            connection.request("GET", "/db/info")
+            response = connection.getresponse()
+            body = response.read(const.DB_INFO_MAX + 1)
+        finally:
+            connection.close()
+        if response.status != 200 or len(body) > const.DB_INFO_MAX:
+            return None
+        members = json.loads(body)["members"]
+        learners = sum(bool(m.get("isLearner")) for m in members)
+        return len(members), learners
+    except (OSError, ssl.SSLError, http.client.HTTPException, ValueError, KeyError, TypeError,
+            AttributeError):
+        return None
 
 
 def ca_on_disk(root: Path) -> str:

@@ -275,6 +275,7 @@ class FormationRunner:
             phase=action.phase, host=self._host, leader=action.leader,
             ip4=self._iface.ip4, ip6=self._iface.ip6, key=self.machine.key, ca=action.ca,
             vote=action.vote, admit=action.admit,
+            members=str(action.members) if action.members else "",
         )
         name = instance_name(
             self._settings.cluster, self._settings.env, self._hostname, action.role
@@ -321,6 +322,10 @@ class FormationRunner:
                 self._wake.set()
                 return
             adverts = to_node_adverts(records, self.machine.key)
+            if self.k3s_up.is_set():  # a server that may admit joiners: what etcd says too
+                counts = await asyncio.to_thread(k3s.local_members, self._root)
+                if counts is not None:
+                    self.machine.etcd_members(time.monotonic(), *counts)
             self.machine.round_done(started, adverts)
             self._log.event(
                 "absence_round", "debug", seen=len(adverts),
@@ -459,7 +464,7 @@ class FormationRunner:
         a = peer.advert
         self.machine.advert_seen(now, NodeAdvert(
             change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote,
-            a.admit,
+            a.admit, int(a.members or 0),
         ))
 
     # -- plumbing -----------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class Advert:
     ca: str = ""
     vote: str = ""  # the election key this node votes for, or is bound to (agent/cluster/)
     admit: str = ""  # a serving server: the key of the fresh node it admits to join as a server
+    members: str = ""  # a serving server: etcd's members (voters and learners), "" unknown
     v: int = SCHEMA_VERSION
 
 
@@ -95,11 +96,12 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 _NAME_PART = re.compile(r"[a-z0-9_-]+")
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits: int() also takes "+1", "1_0", non-ASCII digits
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_COUNT = re.compile(r"[0-9]{1,3}")
 _REQUIRED = ("cluster", "env", "role")
 # DESIGN.md §A: the bash scripts' keys, then ours from v on.
 _TXT_ORDER = (
     "k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca",
-    "vote", "admit",
+    "vote", "admit", "members",
 )
 
 
@@ -201,6 +203,13 @@ def _version_value(text: str) -> str:
     return str(int(text))
 
 
+def _count_value(text: str) -> str:
+    """A small count (etcd's members), "" for unknown."""
+    if text and not _COUNT.fullmatch(text):
+        raise ValueError("not a count of 1-3 digits")
+    return str(int(text)) if text else ""
+
+
 def _ca_value(text: str) -> str:
     """The cluster CA's sha256 as lowercase hex, "" for none."""
     lowered = text.lower()
@@ -213,7 +222,7 @@ def _ca_value(text: str) -> str:
 _FIELD_RULES: dict[str, Callable[[str], str]] = {
     "cluster": str.lower, "env": str.lower, "role": str.lower,
     "host": _host_value, "leader": _host_value, "ip4": _ip_value(4), "ip6": _ip_value(6),
-    "v": _version_value, "ca": _ca_value,
+    "v": _version_value, "ca": _ca_value, "members": _count_value,
 }
 _FALLBACK = {"v": str(SCHEMA_VERSION)}  # what a dropped value reads as; "" otherwise
 
@@ -294,7 +303,7 @@ def parse_advert(items: Iterable[bytes]) -> Advert:
         host=values.get("host", ""), leader=values.get("leader", ""), ip4=values.get("ip4", ""),
         ip6=values.get("ip6", ""), key=values.get("key", ""), ca=values.get("ca", ""),
         vote=values.get("vote", ""), admit=values.get("admit", ""),
-        v=int(values.get("v", SCHEMA_VERSION)),
+        members=values.get("members", ""), v=int(values.get("v", SCHEMA_VERSION)),
     )
 
 
@@ -310,6 +319,7 @@ def _canonical(advert: Advert) -> Advert:
     return replace(
         advert, cluster=norm("cluster"), env=norm("env"), host=norm("host"),
         leader=norm("leader"), ip4=norm("ip4"), ip6=norm("ip6"), ca=norm("ca"),
+        members=norm("members"),
     )
 
 

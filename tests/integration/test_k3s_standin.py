@@ -371,3 +371,30 @@ def test_query_of_nothing_fails_with_a_reason() -> None:
 def test_older_agent_flag_is_the_agent_command() -> None:
     args = cli.build_parser().parse_args(cli._modern(["--agent", "--join-timeout", "3"]))
     assert (args.command, args.join_timeout) == ("agent", 3.0)
+
+
+@pytest.mark.lab
+def test_db_info_lists_etcd_members_for_the_node_itself_only(lab_factory, spawn) -> None:
+    # k3s's /db/info (IsLocalOrHasRole): what the agent asks to admit joiners
+    # (agent/cluster/k3s.py local_members), open to local requests, else a server's token.
+    n1, n2 = lab_factory(2).nodes
+    first = spawn(n1, Release("cluster-init", token=PASSWORD), K3S_STANDIN_LEARNER_TICK="30")
+    first.serving()
+    ask = (
+        "from pathlib import Path; from agent.cluster import k3s; "
+        "print(k3s.local_members(Path('/')))"
+    )
+    assert n1.run(PYTHON, "-c", ask, timeout=10, env=node_env()).stdout.strip() == "(1, 0)"
+    second = spawn(n2, join(first))
+    wait_for("n2 added as a learner", lambda: first.events("learner_added"), 30)
+    assert n1.run(PYTHON, "-c", ask, timeout=10, env=node_env()).stdout.strip() == "(2, 1)"
+    remote = (
+        "import ssl, urllib.request, urllib.error\n"
+        "ctx = ssl._create_unverified_context()\n"
+        f"try: urllib.request.urlopen('https://{n1.addr}:6443/db/info', context=ctx, timeout=5)\n"
+        "except urllib.error.HTTPError as e: print(e.code)\n"
+    )
+    assert n2.run(PYTHON, "-c", remote, timeout=10, env=node_env()).stdout.strip() == "401"
+    second.serving(timeout=60)
+    assert n1.run(PYTHON, "-c", ask, timeout=10, env=node_env()).stdout.strip() == "(2, 0)"
+    assert n2.run(PYTHON, "-c", ask, timeout=10, env=node_env()).stdout.strip() == "(2, 0)"

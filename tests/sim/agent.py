@@ -140,7 +140,7 @@ class Agent:
         m = self.m
         name = instance(m.host, a.role)
         advert = NodeAdvert(name, m.host, a.role, self.f.key, a.ca, str(m.idx), a.phase, a.vote,
-                             a.admit)
+                             a.admit, a.members)
         self.names[name] = a.role
         if self.wanted is not None and self.wanted[0] == name:
             self.wanted = (name, advert)
@@ -187,6 +187,11 @@ class Agent:
 
     def _round_done(self, started: float, heard: dict[int, NodeAdvert]) -> None:
         if self.alive:
+            cluster = self.w.clusters.get(self.m.disk.k3s_ca)
+            if self.m.k3s.serving and cluster is not None and not cluster.single:
+                # FormationRunner._round: k3s's /db/info, etcd's members and learners
+                learners = int(cluster.learner is not None)
+                self.f.etcd_members(self.w.now, len(cluster.voters) + learners, learners)
             self.f.round_done(started, list(heard.values()))
             self.step()
 

@@ -68,14 +68,13 @@ def released_within_bound(schedule: Schedule) -> None:
 
 
 SLOTS_BY_SIGHT = (
-    "a joiner counts server slots among the servers it sees: with one partitioned away or "
-    "powered off at that moment it takes a slot (4 servers for 3; with 30 % loss: one of the "
-    "500, one of the 20 000). A fix: servers advertise how many servers etcd has"
+    "a node whose server join a power cut cut short (rule 8) rejoins as an agent when the "
+    "slots filled meanwhile, and its disk keeps the server state it had taken (one of 5000)"
 )
 FAILED_JOINS = (
-    "a node whose power is cut between its join-server release and its MemberAdd rejoins at "
-    "boot without admission (test_regressions.py; about one schedule in 1000); k3s retries a "
-    "refused join"
+    "several faults at once: a re-flashed bootstrapper's old member (a voter down for good) "
+    "holds an admitted joiner's MemberAdd past its 120 s turn, and the next admitted one "
+    "overtakes it (two of 5000)"
 )
 
 

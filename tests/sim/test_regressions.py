@@ -122,6 +122,28 @@ def test_a_power_cut_between_a_release_and_its_member_add_does_not_collide() -> 
     assert o.failed_joins == []
 
 
+def test_a_learner_powered_off_across_a_power_cut_holds_the_next_join() -> None:
+    # n1 is an etcd learner when all lose power; n2 (the bootstrapper) comes back alone and,
+    # having never heard of n1 since its boot, admitted n0: refused behind n1's learner every
+    # 6 s for a minute. Now the admitting server asks its etcd (k3s's /db/info) first.
+    o = run(Schedule(starts=(0.5, 7.5, 0.0, 12.8), servers=5, seed=36888, faults=(
+        PowerCut(at=15.8, off=16.6, after="serve", who=2), Power(0, at=39.3, off=21.9),
+        AgentRestart(0, at=24.2, off=1.6, after="release"))))
+    assert o.failed_joins == []
+
+
+def test_no_admission_while_a_voter_is_silent() -> None:
+    # Found while etcd's answer was added, when a silent "joining" advert was no longer
+    # waited for once etcd listed no learner: n3 became a voter and lost power 4 s later, its
+    # advert still "joining"; n0 admitted n2, whose k3s retried its MemberAdd until n3 came
+    # back and met etcd's 5 s health check. A server no round hears is waited for
+    # (join_order_wait) before anyone is admitted, whatever its phase.
+    o = run(Schedule(starts=(8.2, None, 9.9, 12.7), seed=7511, faults=(
+        AvahiRestart(-2, at=50.6, off=3.7, after="stand"), AgentRestart(2, at=21.1, off=3.4,
+        after="bind"), Power(3, at=30.6, off=36.4, after="publish"))))
+    assert o.failed_joins == []
+
+
 # -- two clusters beyond the proven bound (more fresh nodes than `servers`) -----------------
 # The docstring's proof covers at most `servers` fresh nodes; beyond it, it says, "two sides
 # of a partition at power-on that each hold q nodes can each bootstrap; without a partition the

@@ -649,3 +649,93 @@ def test_a_join_cut_short_before_etcd_started_joins_again_admitted_and_never_sta
     lan.live = [admits]
     lan.run(42.0, stop=lambda f: f.released)
     assert f.released == Release("join-server", admits)
+
+
+def test_no_admission_while_a_serving_server_goes_unheard_for_up_to_order_wait() -> None:
+    # A voter that says it serves but no round hears: down, maybe (a power cut). etcd refuses
+    # a member while a voter is down, and one that comes back needs 5 s connected first.
+    f, lan = _admitting()
+    fresh = _ad("f.local", Role.CANDIDATE, "7")
+    other = _ad("o.local", Role.SERVER, "4")
+    for advert in (fresh, other):
+        f.advert_seen(0.0, advert)
+    lan.live = [fresh, other]
+    lan.run(10.0)
+    assert _admits(f) == KEY["7"]
+    lan.live = [fresh]
+    lan.run(20.0)
+    assert _admits(f) == ""
+    lan.live = [fresh, other]
+    lan.run(22.0)
+    assert _admits(f) == KEY["7"]
+    lan.live = [fresh]  # silent again: waited for afresh (from 27), at most join_order_wait
+    lan.run(22.0 + 110.0)
+    assert _admits(f) == ""
+    lan.run(22.0 + 130.0)
+    assert _admits(f) == KEY["7"]
+
+
+def test_a_joiner_joins_through_the_server_that_admits_it() -> None:
+    f = _node(key="5", servers=5)
+    low = _ad("s.local", Role.SERVER, "1")  # maybe down: it is not the one that admits
+    admitting = _ad("t.local", Role.SERVER, "2", admit="5")
+    lan = Lan(f, [low, admitting])
+    lan.serving |= {"s.local", "t.local"}
+    for advert in lan.live:
+        f.advert_seen(0.0, advert)
+    lan.run(10.0, stop=lambda f: f.released)
+    assert f.released == Release("join-server", admitting)
+
+
+def test_etcd_says_whether_a_learner_is_pending_and_how_many_members_there_are() -> None:
+    # After a power cut the admitting server may never have heard of a learner that is off;
+    # its etcd (k3s's /db/info) has. And a member powered off still takes a slot.
+    f, lan = _admitting(servers=3)
+    fresh = _ad("f.local", Role.CANDIDATE, "7")
+    f.advert_seen(0.0, fresh)
+    lan.live = [fresh]
+    f.etcd_members(0.0, 2, 1)
+    lan.run(1.0)
+    assert _admits(f) == ""  # a learner in etcd, unheard of
+    f.etcd_members(lan.t, 2, 0)
+    lan.run(2.0)
+    assert _admits(f) == KEY["7"]
+    f.etcd_members(lan.t, 3, 0)  # a third member, powered off: no slot left
+    lan.run(3.0)
+    assert _admits(f) == ""
+    lan.run(3.0 + TIMINGS.etcd_ttl + 1.0)  # etcd's answer too old: back to what rounds hear
+    assert _admits(f) == KEY["7"]
+    f.etcd_members(lan.t, 3, 0)
+    lan.run(lan.t + 8.0)
+    advert = f._advertised
+    assert advert is not None and advert.members == 3  # said on the wire, for joiners' slots
+
+
+def test_a_joiner_counts_the_servers_etcd_has_not_only_those_it_sees() -> None:
+    f = _node(key="9", servers=3)
+    server = _ad("s.local", Role.SERVER, "1", admit="9")
+    counted = NodeAdvert(server.name, server.host, server.role, server.key, server.ca,
+                         server.address, server.phase, server.vote, server.admit, members=3)
+    f.advert_seen(0.0, counted)
+    lan = Lan(f, [counted])
+    lan.serving.add("s.local")
+    lan.run(10.0, stop=lambda f: f.released)
+    assert f.released == Release("join-agent", counted)  # one server seen, three in etcd
+
+
+def test_with_etcd_known_a_silent_joiner_is_waited_for_as_a_silent_server() -> None:
+    # Cached "joining", never heard: dead before etcd added it, removed, or a voter now that
+    # is down. etcd's answer says whether a learner is pending; a silent voter is waited for
+    # as any silent server, join_order_wait, not until k3s would remove a learner.
+    f, lan = _admitting()
+    learner = _ad("j.local", Role.CANDIDATE, "3", phase=v.JOINING)
+    fresh = _ad("f.local", Role.CANDIDATE, "7")
+    for advert in (learner, fresh):
+        f.advert_seen(0.0, advert)
+    lan.live = [fresh]
+    while lan.t < 130.0:
+        f.etcd_members(lan.t, 2, 0)
+        lan.run(lan.t + 1.0)
+        if lan.t < 125.0:
+            assert _admits(f) == "", lan.t
+    assert _admits(f) == KEY["7"]

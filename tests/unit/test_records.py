@@ -70,12 +70,13 @@ adverts = st.builds(
     key=values,
     vote=values,
     admit=values,
+    members=st.one_of(st.just(""), st.integers(0, 999).map(str)),
     ca=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
     v=st.integers(min_value=1, max_value=999_999_999),
 )
 txt_keys = st.sampled_from(
     ["k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca",
-     "vote", "admit"]
+     "vote", "admit", "members"]
 )
 near_valid_items = st.one_of(
     st.binary(max_size=300),
@@ -92,13 +93,13 @@ def test_golden_layout() -> None:
     node = Advert(
         cluster="sugar", env="dev", role=Role.BOOTSTRAP, phase="electing", host="node1.local",
         leader="node2.local", ip4="192.168.50.11", ip6="fe80::1%eth0", key="0042-ab", ca=CA,
-        vote="0011-aa", admit="0077-cc",
+        vote="0011-aa", admit="0077-cc", members="3",
     )
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=bootstrap", b"phase=electing",
         b"leader=node2.local", b"host=node1.local", b"ip4=192.168.50.11", b"ip6=fe80::1%eth0",
         b"v=1", b"key=0042-ab", b"ca=" + CA.encode(), b"vote=0011-aa",
-        b"admit=0077-cc",
+        b"admit=0077-cc", b"members=3",
     ]
 
 
@@ -107,7 +108,7 @@ def test_empty_values_keep_their_equals_sign() -> None:
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=candidate", b"phase=", b"leader=",
         b"host=", b"ip4=", b"ip6=", b"v=1", b"key=", b"ca=", b"vote=",
-        b"admit=",
+        b"admit=", b"members=",
     ]
 
 
@@ -141,6 +142,8 @@ def test_encode_publishes_the_canonical_form() -> None:
         ({"host": "a..b.local"}, "empty label"),
         ({"leader": "my node"}, "whitespace"),
         ({"ca": "abc"}, "sha256"),
+        ({"members": "many"}, "count"),
+        ({"members": "1000"}, "count"),
         ({"v": 0}, "positive integer"),
         ({"role": "captain"}, "unknown role"),
         ({"phase": "re\udcffady"}, "UTF-8"),  # a lone surrogate, as surrogateescape makes

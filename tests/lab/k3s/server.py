@@ -1,6 +1,7 @@
 """The TLS endpoint on 6443: what a k3s server answers joiners, read from one table of routes.
 
-GET /cacerts, /ping, /v1-sugarkube/ca (sha256 of the CA), /v1-sugarkube/members (etcd's view);
+GET /cacerts, /ping, /v1-sugarkube/ca (sha256 of the CA), /v1-sugarkube/members (etcd's view),
+/db/info (k3s's: etcd's MemberList, for local requests or with a server's token);
 token-authenticated POSTs (401 on a wrong password): /v1-sugarkube/join (an agent gets a kubelet
 client certificate), /v1-sugarkube/server-bootstrap (a joining server gets the CA and its key, as
 k3s's /v1-k3s/server-bootstrap hands over its bootstrap data) and /v1-sugarkube/etcd-join (the
@@ -132,6 +133,10 @@ class Api:
     ) -> bytes:
         """The answer to one request, from the tables of GET and POST handlers."""
         if method == "GET" and path in self.GETS:
+            # k3s's /db/info: IsLocalOrHasRole(k3s:server)
+            local = peer in ("127.0.0.1", "::1")
+            if path in self.LOCAL_OR_SERVER and not (local or self.authorized(headers)):
+                return _response(401, b"unauthorized")
             return await self.GETS[path](self, {}, peer)
         if method != "POST" or path not in self.POSTS:
             return _response(404, b"not found")
@@ -164,6 +169,22 @@ class Api:
             return _json(503, {"reason": "etcd_unavailable", "error": str(exc)})
         listed = {m.name or f"unstarted-{m.id:x}": {"learner": m.learner} for m in members}
         return _json(200, {"datastore": "etcd", "cluster_id": f"{cluster_id:x}", "members": listed})
+
+    async def db_info(self, _: dict[str, Any], peer: str) -> bytes:
+        """k3s's /db/info: etcd's MemberList as Go encodes etcdserverpb.Member (omitempty);
+        404 without etcd (sqlite), 500 when etcd does not answer."""
+        if self.gateway is None:
+            return _response(404, b"not found")
+        try:
+            _, members = await asyncio.to_thread(self.gateway.members)
+        except EtcdError as exc:
+            return _response(500, f"failed to get etcd MemberList: {exc}".encode())
+        listed = []
+        for m in members:
+            entry: dict[str, Any] = {"ID": m.id, "name": m.name, "peerURLs": list(m.peer_urls),
+                                     "clientURLs": list(m.client_urls), "isLearner": m.learner}
+            listed.append({k: v for k, v in entry.items() if v})
+        return _json(200, {"members": listed})
 
     async def join_agent(self, request: dict[str, Any], peer: str) -> bytes:
         name = str(request["name"])
@@ -229,7 +250,9 @@ class Api:
         "/ping": ping,
         "/v1-sugarkube/ca": ca,
         "/v1-sugarkube/members": members,
+        "/db/info": db_info,
     }
+    LOCAL_OR_SERVER: ClassVar[frozenset[str]] = frozenset({"/db/info"})
     POSTS: ClassVar[dict[str, Handler]] = {
         "/v1-sugarkube/join": join_agent,
         "/v1-sugarkube/server-bootstrap": server_bootstrap,
