@@ -69,12 +69,13 @@ def released_within_bound(schedule: Schedule) -> None:
 
 SLOTS_BY_SIGHT = (
     "a node whose server join a power cut cut short (rule 8) rejoins as an agent when the "
-    "slots filled meanwhile, and its disk keeps the server state it had taken (one of 5000)"
+    "slots filled meanwhile, and its disk keeps the server state it had taken (one of 5000; "
+    "test_regressions.py, a fourth server)"
 )
 FAILED_JOINS = (
     "several faults at once: a re-flashed bootstrapper's old member (a voter down for good) "
     "holds an admitted joiner's MemberAdd past its 120 s turn, and the next admitted one "
-    "overtakes it (two of 5000)"
+    "overtakes it (two of 5000; test_regressions.py, a dead voter)"
 )
 
 
