@@ -432,7 +432,7 @@ class Formation:
             if settled:
                 # `serving` tells server joiners it is their turn: etcd refuses a new member
                 # until every voter has been connected for its health interval, so a node that
-                # just became one says so only that much later (joins.py, server joins in turn).
+                # just became one says so only that much later (joins.py, admission).
                 etcd = self.joins.etcd_now(now)
                 self._advertise(actions, Advertise(
                     Role.SERVER, v.SERVING, leader, self._local_ca, vote, admit,
