@@ -167,7 +167,11 @@ class Joins:
     def _may_admit(self, view: View, now: float, settled: bool) -> bool:
         """No lower serving server admits, a slot is free, and etcd can take a learner."""
         live = view.live(now)
-        if any(a.role == Role.SERVER and a.phase == v.SERVING and a.key < self.key for a in live):
+        heard = {a.ident for a in live}  # under any of its names: a rename is not yet heard live
+        if any(
+            a.role == Role.SERVER and a.phase == v.SERVING and a.key < self.key
+            and a.ident in heard for a in view.known(now)
+        ):
             return False
         if not self.slot_free(view, now) or (self._servers(view, now) and not settled):
             return False

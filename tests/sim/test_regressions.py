@@ -146,6 +146,15 @@ def test_no_admission_while_a_voter_is_silent() -> None:
     assert o.failed_joins == []
 
 
+def test_two_servers_do_not_both_admit_when_one_is_heard_only_under_its_old_name() -> None:
+    # No fault: 30 % loss, slow k3s, seven Pis for five servers. n4 (lower key) serves and
+    # admits n5; n6's rounds had heard n4 only as "joining" (its "(server)" rename not yet
+    # heard live), so n6 did not defer to it and admitted n1 too: refused behind n5's learner.
+    o = run(Schedule(starts=(1.8, 6.1, 10.1, 1.8, 10.1, 12.8, 3.1), servers=5, loss=0.3,
+                     k3s=SLOW, seed=1155))
+    assert o.failed_joins == []
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "joins.py admission: a joiner whose MemberAdd a voter down for good holds back is waited "
     "for 120 s, then the next node is admitted; if that one is the re-flashed node whose old "

@@ -739,3 +739,23 @@ def test_with_etcd_known_a_silent_joiner_is_waited_for_as_a_silent_server() -> N
         if lan.t < 125.0:
             assert _admits(f) == "", lan.t
     assert _admits(f) == KEY["7"]
+
+
+def test_a_lower_server_heard_under_its_joiner_name_still_admits_instead() -> None:
+    # 30 % loss: the browser lists the lower node's "(server)" advert, rounds heard only its
+    # "(candidate)" one from before the rename. It is heard: it admits, this one does not.
+    f = _node(key="5", servers=5, member=Role.SERVER, ca_on_disk="c" * 64)
+    lan = Lan(f)
+    f.step(0.0)
+    f.local_api(0.0, "c" * 64)
+    fresh = _ad("f.local", Role.CANDIDATE, "7")
+    joining = _ad("l.local", Role.CANDIDATE, "4", phase=v.JOINING)
+    serving = _ad("l.local", Role.SERVER, "4")
+    f.advert_seen(0.0, fresh)
+    f.advert_seen(0.0, joining)
+    lan.live = [fresh, joining]
+    lan.run(8.0)
+    f.advert_gone(lan.t, joining.name)
+    f.advert_seen(lan.t, serving)
+    lan.run(9.0)
+    assert _admits(f) == ""
