@@ -166,6 +166,7 @@ class FormationRunner:
         return (
             not marker.exists() and self._ballot.released == "join-server"
             and not k3s.etcd_initialized(self._root)
+            and k3s.membership(self._root) != k3s.Membership.AGENT
         )
 
     async def _check_prerequisites(self) -> None:
@@ -393,8 +394,9 @@ class FormationRunner:
                     node_labels=(f"sugarkube.io/cluster={self._settings.cluster}",),
                 ),
             )
-        if release.mode != "member" and not self._ballot.released:
-            # Released on disk: after a reboot this node is a member even if k3s never ran.
+        if release.mode not in ("member", self._ballot.released):
+            # Released on disk: after a reboot this node is a member even if k3s never ran
+            # (a join cut short and made again as an agent is an agent from then on).
             self._ballot = dataclasses.replace(self._ballot, released=release.mode)
             ballot.save(self._root, self._ballot)
         marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")

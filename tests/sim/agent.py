@@ -54,7 +54,10 @@ class Agent:
         disk = machine.disk
         member = self._membership()
         # FormationRunner._rejoin: a join-server release at an earlier boot, etcd never started.
-        rejoin = not machine.marker and disk.released == "join-server" and not disk.etcd_init
+        rejoin = (
+            not machine.marker and disk.released == "join-server" and not disk.etcd_init
+            and disk.k3s_role != "agent"
+        )
         if rejoin:
             member = None
         self.fresh = member is None and not rejoin  # may vote and stand
@@ -157,8 +160,7 @@ class Agent:
         if r.mode != "member":
             disk.dropin = r.mode
             disk.target = int(r.leader.address) if r.leader is not None else None
-            if not disk.released:
-                disk.key, disk.released = self.f.key, r.mode
+            disk.key, disk.released = self.f.key, r.mode  # FormationRunner._write_release
         m.marker = r.mode
         self.w.released(m, r.mode)
         if r.mode != "join-agent" and self.f.member != Role.AGENT:

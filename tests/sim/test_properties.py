@@ -67,11 +67,6 @@ def released_within_bound(schedule: Schedule) -> None:
     assert not o.liveness_failed, o.problems()
 
 
-SLOTS_BY_SIGHT = (
-    "a node whose server join a power cut cut short (rule 8) rejoins as an agent when the "
-    "slots filled meanwhile, and its disk keeps the server state it had taken (one of 5000; "
-    "test_regressions.py, a fourth server)"
-)
 FAILED_JOINS = (
     "several faults at once: a re-flashed bootstrapper's old member (a voter down for good) "
     "holds an admitted joiner's MemberAdd past its 120 s turn, and the next admitted one "
@@ -86,7 +81,6 @@ def test_never_two_clusters(schedule: Schedule) -> None:
     one_cluster(schedule)
 
 
-@pytest.mark.xfail(strict=False, reason=SLOTS_BY_SIGHT)
 @seed(SEED)
 @settings(QUICK, phases=UNSHRUNK)
 @given(schedules())
@@ -125,7 +119,6 @@ def test_never_two_clusters_many(schedule: Schedule) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=SLOTS_BY_SIGHT)
 @seed(SEED + 1)
 @settings(MANY, phases=UNSHRUNK)
 @given(schedules())
