@@ -5,7 +5,8 @@ Safety, over the whole run:
   guarantee holds with at most `servers` fresh eligible nodes (election.py, "Why one cluster");
   a re-flashed node that had promised its support counts as one more fresh node (its promise is
   gone with its disk). Beyond that bound a second CA is reported, not failed.
-- at most `servers` nodes ever take a server's role (released as one, or k3s state says so);
+- at most `servers` nodes ever take a server's role (k3s took a server's state, or released as
+  one this boot: a release whose power went before k3s took anything joins again, rule 8);
 - no failed join: etcd never refuses a server's MemberAdd for a reason an ordering of the joins
   avoids (a second learner, a voter connected less than 5 s); refusals because a voter is down
   for good are reported apart (no order of joins avoids them);

@@ -185,6 +185,18 @@ def test_a_join_cut_short_does_not_make_a_fourth_server() -> None:
     assert o.servers_max <= 3
 
 
+def test_a_server_release_that_never_reached_k3s_takes_no_slot() -> None:
+    # n4 released join-server and lost power for good in the same instant. The others formed
+    # three servers without it (n0 admitted the next joiner once n4's grant lapsed, etcd
+    # listing no learner), and the run was counted four servers for three: n4 took nothing,
+    # and were it to return it would join again, admitted (rule 8). Counted now: nodes whose
+    # k3s took a server's state, and releases of this boot.
+    o = run(Schedule(starts=(0.7, 0.0, 12.8, None, 0.8, 10.7, 14.6), loss=0.1, seed=1571,
+                     faults=(Power(4, at=0.0, after="release"),)))
+    assert o.servers_max <= 3
+    assert o.problems() == []
+
+
 # -- two clusters beyond the proven bound (more fresh nodes than `servers`) -----------------
 # The docstring's proof covers at most `servers` fresh nodes; beyond it, it says, "two sides
 # of a partition at power-on that each hold q nodes can each bootstrap; without a partition the

@@ -205,10 +205,12 @@ class World:
         self.note(m, "release")
 
     def count_servers(self) -> None:
-        """Nodes that are servers of a cluster, or released to become one, per cluster."""
+        """Nodes that are servers of a cluster (k3s took a server's state), or released this
+        boot to become one, per cluster. A server release whose power went before its k3s took
+        anything is no server: at its next boot it joins again, admitted (election.py rule 8)."""
         per: Counter[str] = Counter()
         for x in self.machines:
-            if x.disk.k3s_role == "server" or x.disk.released in SERVER_MODES:
+            if x.disk.k3s_role == "server" or x.marker in SERVER_MODES:
                 per[self._cluster_of(x)] += 1
         self.outcome.servers_max = max(self.outcome.servers_max, *per.values(), 0)
 
