@@ -8,8 +8,10 @@
 - cluster-init / single mint a new CA about 1 s after start (on disk from then: a power cut
   before that mints nothing); etcd runs from then, the API serves after the start delay.
 - A join needs its target to serve and be reachable; the CA it gets is the target's cluster CA
-  (on disk at once). A server join is a MemberAdd as learner (a member of the same node name
-  from an earlier disk is removed first, as k3s does). etcd 3.4 refuses it without a quorum
+  (on disk at once). A server join is a MemberAdd as learner (a member, voter or learner, of
+  the same node name from an earlier disk is removed first: real k3s refuses the join with
+  "duplicate node name found" until the operator deletes the node, which the lab's power-cut
+  scenario does and this model does at once). etcd 3.4 refuses it without a quorum
   (k3s exits on the timeout), with a learner already pending ("too many learner members in
   cluster"), or unless the member asked (the server joined) has been connected to every other
   voter for 5 s ("unhealthy cluster": etcdserver mayAddMember, isConnectedFullySince, with
