@@ -201,10 +201,11 @@ class Joins:
 
     def admitted(self, view: View, now: float) -> NodeAdvert | None:
         """A server that admits us, or None (any one: etcd's learner slot is one for the whole
-        cluster, whichever server is asked)."""
+        cluster, whichever server is asked; only a server's advert can admit, as only a
+        server is joined)."""
         return next((
             a for a in view.known(now)
-            if a.cluster_side and a.admit == self.key and self.counts(a)
+            if a.joinable and a.admit == self.key and self.counts(a)
         ), None)
 
     def _busy(

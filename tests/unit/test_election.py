@@ -400,9 +400,9 @@ def test_a_server_join_waits_until_a_server_admits_this_node() -> None:
     assert f.released == Release("join-server", server)
 
 
-def _admitting(servers: int = 5) -> tuple[Formation, Lan]:
+def _admitting(servers: int = 5, key: str = "1") -> tuple[Formation, Lan]:
     """A member server whose API answers from t=0 and whose rounds hear lan.live."""
-    f = _node(key="1", servers=servers, member=Role.SERVER, ca_on_disk="c" * 64)
+    f = _node(key=key, servers=servers, member=Role.SERVER, ca_on_disk="c" * 64)
     lan = Lan(f)
     f.step(0.0)
     f.local_api(0.0, "c" * 64)
@@ -744,10 +744,7 @@ def test_with_etcd_known_a_silent_joiner_is_waited_for_as_a_silent_server() -> N
 def test_a_lower_server_heard_under_its_joiner_name_still_admits_instead() -> None:
     # 30 % loss: the browser lists the lower node's "(server)" advert, rounds heard only its
     # "(candidate)" one from before the rename. It is heard: it admits, this one does not.
-    f = _node(key="5", servers=5, member=Role.SERVER, ca_on_disk="c" * 64)
-    lan = Lan(f)
-    f.step(0.0)
-    f.local_api(0.0, "c" * 64)
+    f, lan = _admitting(key="5")
     fresh = _ad("f.local", Role.CANDIDATE, "7")
     joining = _ad("l.local", Role.CANDIDATE, "4", phase=v.JOINING)
     serving = _ad("l.local", Role.SERVER, "4")
