@@ -65,7 +65,7 @@ def _discover(args: argparse.Namespace, settings: Settings) -> int:
 def _gate(args: argparse.Namespace, settings: Settings) -> int:
     from agent.client import gate
 
-    code, reason = asyncio.run(gate(args.timeout, sys.stdout))
+    code, reason = asyncio.run(gate(args.timeout, sys.stdout, args.role))
     print(f"{PROG} gate: {reason}", file=sys.stderr if code else sys.stdout)
     return code
 
@@ -148,8 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     disc.set_defaults(handler=_discover)
 
     gate = commands.add_parser(
-        "gate", help="block until the daemon releases the k3s gate (k3s ExecStartPre)",
+        "gate", help="block until the daemon releases the k3s gate (the k3s units' drop-ins)",
         **commands_kw,
+    )
+    gate.add_argument(
+        "--role", choices=("server", "agent"), default=None,
+        help="the role of the unit asking (k3s.service: server, k3s-agent.service: agent); "
+        f"exit {const.EXIT_OTHER_ROLE} when the node was released in the other role",
     )
     gate.add_argument(
         "--timeout", type=_seconds, default=const.GATE_TIMEOUT, metavar="S",

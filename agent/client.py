@@ -10,6 +10,8 @@ from typing import Any, TextIO
 from agent import const
 from agent.daemon.control import request
 
+UNITS = {"server": "k3s.service", "agent": "k3s-agent.service"}  # the k3s unit of each role
+
 
 class Unreachable(Exception):
     """The daemon's control socket does not answer."""
@@ -31,7 +33,10 @@ async def status() -> dict[str, Any]:
 
 def render_status(snapshot: dict[str, Any]) -> str:
     """`status` for a person."""
-    gate = f"released ({snapshot['release_mode']})" if snapshot["released"] else "waiting"
+    gate = (
+        f"released ({snapshot['release_mode']}, {UNITS[snapshot.get('release_role') or 'server']})"
+        if snapshot["released"] else "waiting"
+    )
     lines = [
         f"phase: {snapshot['phase']}  role: {snapshot['role']}  gate: {gate}  "
         f"avahi: {snapshot['avahi']}",
@@ -48,8 +53,22 @@ def render_status(snapshot: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def gate(timeout: float, out: TextIO) -> tuple[int, str]:
-    """Wait until the daemon releases the k3s gate; (exit code, reason)."""
+def released(snapshot: dict[str, Any], role: str | None) -> tuple[int, str]:
+    """The gate's answer to a released snapshot, for the unit of `role` (None: any unit)."""
+    held = snapshot.get("release_role") or "server"
+    if role is not None and held != role:
+        return const.EXIT_OTHER_ROLE, (
+            f"released as {held} ({snapshot['release_mode']}): this node runs {UNITS[held]}, "
+            f"not {UNITS[role]}"
+        )
+    return const.EXIT_OK, f"released: {snapshot['release_mode']} as {held}"
+
+
+async def gate(timeout: float, out: TextIO, role: str | None = None) -> tuple[int, str]:
+    """Wait until the daemon releases the k3s gate; (exit code, reason).
+
+    With `role`, the unit of that role asks: released in the other role exits EXIT_OTHER_ROLE.
+    """
     started = time.monotonic()
     deadline = started + timeout
     last = "the daemon has not answered yet"
@@ -78,7 +97,7 @@ async def gate(timeout: float, out: TextIO) -> tuple[int, str]:
                 snapshot = json.loads(line)
                 last = snapshot["status"]
                 if snapshot["released"]:
-                    return const.EXIT_OK, f"released: {snapshot['release_mode']}"
+                    return released(snapshot, role)
                 now = time.monotonic()
                 if last != shown[0] or now - shown[1] >= const.GATE_REPORT_INTERVAL:
                     out.write(f"waiting: {last}\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_FAIL = 1  # timed out, refused, nothing found
 EXIT_USAGE = 2  # argparse's code for a bad flag or value
+EXIT_OTHER_ROLE = 3  # `gate --role`: released in the other role (this k3s unit must not run)
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the daemon (or avahi-daemon) cannot be reached
 EXIT_CONFIG = 78  # EX_CONFIG: bad configuration; systemd's RestartPreventExitStatus= names it
 

@@ -131,6 +131,7 @@ class Formation:
     can_join: bool = True  # False without a token: k3s cannot join anything
     ineligible: str = ""  # why k3s cannot run here ("" when it can): the node does not stand
     rejoin: bool = False  # a server join cut short before etcd started: join again (rule 8)
+    agent_only: bool = False  # only k3s-agent.service here: never stands, joins as an agent
     bound: str = ""  # the key this node promised its support to ("" free; its own: stood)
     bound_host: str = ""
     stype: str = ""
@@ -240,6 +241,12 @@ class Formation:
         self._keep_rounds(now, actions)
         if (server := self.joins.server(self.view, now)) is not None:
             self._join(now, server, actions)
+        elif self.agent_only:
+            self.phase = Phase.DISCOVER
+            self._advertise_fresh(now, actions)
+            self.status = (
+                "agent only (k3s-agent.service, no k3s.service here): waiting for a server to join"
+            )
         elif self.rejoin:
             self.phase = Phase.BOUND
             self._advertise_fresh(now, actions)
@@ -329,7 +336,9 @@ class Formation:
     def _advertise_fresh(self, now: float, actions: list[Action]) -> None:
         """Say what this unreleased node is: standing, bound, or a free candidate and its vote
         (also while it proves or waits to join a server: others count it for slots and turns)."""
-        if self.rejoin:  # bound to whichever server admits it: neither free nor standing
+        if self.agent_only:  # takes no server slot, so it neither stands nor votes
+            advert = Advertise(Role.CANDIDATE, v.INELIGIBLE, self.host)
+        elif self.rejoin:  # bound to whichever server admits it: neither free nor standing
             advert = Advertise(Role.CANDIDATE, v.BOUND, self.bound_host or self.host, vote="")
         elif self.bound == self.key:
             advert = Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, self.host, vote=self.key)
@@ -388,7 +397,7 @@ class Formation:
                 # cold cache), and of two joiners deciding at once the later sees the earlier.
                 self.status = f"join: counting servers before joining {server.host}"
                 return
-            slot = self.joins.server_slot(self.view, now)
+            slot = not self.agent_only and self.joins.server_slot(self.view, now)
             mode: ReleaseMode = "join-server" if slot else "join-agent"
             if mode == "join-server" and self.joins.admitted(self.view, now) is None:
                 self.status = (

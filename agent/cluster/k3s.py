@@ -43,6 +43,10 @@ CONFIG = "etc/rancher/k3s/config.yaml"
 DROPIN_DIR = "etc/rancher/k3s/config.yaml.d"
 OUR_DROPIN = DROPIN_DIR + "/50-sugarkube.yaml"
 MOUNTINFO = "proc/self/mountinfo"
+# Where systemd finds unit files, in its order (systemd.unit(5), the system manager's paths).
+UNIT_DIRS = ("etc/systemd/system", "run/systemd/system", "usr/local/lib/systemd/system",
+             "usr/lib/systemd/system", "lib/systemd/system")  # fmt: skip
+SERVER_UNIT, AGENT_UNIT = "k3s.service", "k3s-agent.service"
 
 # kubeadm's BootstrapTokenPattern, which parseToken tries before user:password.
 _BOOTSTRAP_TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
@@ -166,6 +170,25 @@ def membership(root: Path) -> Membership:
     if (root / AGENT_MARKER).is_file():
         return Membership.AGENT
     return Membership.NONE
+
+
+def unit_installed(root: Path, unit: str) -> bool:
+    """Whether systemd has a unit file for UNIT, unmasked (the first found decides, as for
+    systemd: a link to /dev/null in /etc masks the unit whatever /usr/lib holds)."""
+    for directory in UNIT_DIRS:
+        path = root / directory / unit
+        if path.is_symlink() or path.exists():
+            with contextlib.suppress(OSError):
+                if os.path.realpath(path) == "/dev/null" or path.stat().st_size == 0:
+                    return False
+            return path.is_file()
+    return False
+
+
+def agent_only(root: Path) -> bool:
+    """Only k3s-agent.service is installed (the k3s installer with K3S_URL): this node can run
+    `k3s agent` and not `k3s server`, so it must neither bootstrap nor take a server slot."""
+    return unit_installed(root, AGENT_UNIT) and not unit_installed(root, SERVER_UNIT)
 
 
 def etcd_initialized(root: Path) -> bool:

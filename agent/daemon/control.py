@@ -41,6 +41,7 @@ class Snapshot:
     status: str = "starting"
     released: bool = False
     release_mode: str = ""
+    release_role: str = ""  # server or agent: which k3s unit runs (`gate --role`)
     leader: str = ""
     avahi: str = "unknown"
     peers: list[PeerInfo] = field(default_factory=list)

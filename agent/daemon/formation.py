@@ -141,9 +141,13 @@ class FormationRunner:
             can_join=self._token is not None,
             ineligible=damaged,
             rejoin=rejoin,
+            agent_only=member is None and k3s.agent_only(root),
             bound=self._ballot.bound,
             bound_host=self._ballot.bound_host,
         )
+        if self.machine.agent_only:
+            log.event("agent_only", "notice",
+                      reason="k3s-agent.service is installed and k3s.service is not")  # fmt: skip
 
     def _membership(self) -> Role | None:
         """SERVER or AGENT when this node released before (this boot or an earlier one) or
@@ -366,17 +370,19 @@ class FormationRunner:
         # File work (with fsyncs: slow on an SD card) off the event loop.
         await asyncio.to_thread(self._write_release, release)
         elapsed = (time.monotonic() - self._started) * 1000
+        agent = release.mode == "join-agent" or self.machine.member == Role.AGENT
+        role = "agent" if agent else "server"
         self._log.event(
-            "gate_released", mode=release.mode,
+            "gate_released", mode=release.mode, role=role,
             leader=release.leader.host if release.leader else None, ms_elapsed=round(elapsed),
         )
         self._state.snapshot.timings_ms["gate_released"] = elapsed
         self.released.set()
         await self._state.update(
-            released=True, release_mode=release.mode,
+            released=True, release_mode=release.mode, release_role=role,
             leader=release.leader.host if release.leader else self._host,
         )
-        if release.mode != "join-agent" and self.machine.member != Role.AGENT:
+        if not agent:
             self._spawn(self._watch_local_api())
 
     def _write_release(self, release: Release) -> None:

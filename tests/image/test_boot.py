@@ -28,7 +28,8 @@ BRIDGE = "br-skimg"
 SUBNET = "10.249.0"
 K3S_STANDIN = REPO / "tests" / "lab" / "k3s"  # the package, copied as `k3s_standin`
 STANDIN_DIR = "/usr/local/lib/k3s-standin/k3s_standin"  # on the unit's PYTHONPATH
-K3S_UNIT = Path(__file__).with_name("guest") / "k3s.service"
+GUEST = Path(__file__).with_name("guest")
+K3S_UNITS = ("k3s.service", "k3s-agent.service")  # both installed and enabled, as on the image
 PACKAGES = (*rootfs.PACKAGES, "etcd-server")
 METRICS = ("import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
            "'http://127.0.0.1:9469/metrics', timeout=5).read().decode())")
@@ -42,7 +43,7 @@ def node_root(base: Path, tarball: Path, index: int, **env: str) -> Path:
         # route's (without one it exits 69, naming SUGARKUBE_MDNS_INTERFACE, and systemd retries).
         tarball, base / name, [], name, address=f"{SUBNET}.{10 + index}/24",
         gateway=f"{SUBNET}.1",
-        units={"k3s.service": K3S_UNIT.read_text()},
+        units={unit: (GUEST / unit).read_text() for unit in K3S_UNITS},
         files={f"{STANDIN_DIR}/{path.name}": path.read_text()
                for path in sorted(K3S_STANDIN.glob("*.py"))},
         masked=("etcd.service",),
@@ -82,16 +83,22 @@ def _wait(what: str, check, timeout: float):  # type: ignore[no-untyped-def]
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def _assert_gated_and_serving(node: nspawn.Container) -> None:
-    """k3s started only after the agent released the gate, and the agent says it serves."""
+def _assert_gated_and_serving(node: nspawn.Container, role: str = "server") -> None:
+    """The k3s unit of ROLE started only after the agent released the gate, and the unit of the
+    other role was skipped cleanly by its gate (no failure, no restart)."""
+    unit, other = ("k3s", "k3s-agent") if role == "server" else ("k3s-agent", "k3s")
     assert node.run("systemctl", "is-active", "sugarkube-agent").stdout.strip() == "active"
-    _wait("k3s active", lambda: node.run("systemctl", "is-active", "k3s").stdout.strip()
+    _wait(f"{unit} active", lambda: node.run("systemctl", "is-active", unit).stdout.strip()
           == "active", 30)
     released = _event_usec(_journal(node, "sugarkube-agent"), "gate_released")
-    k3s_main = int(_show(node, "k3s", "ExecMainStartTimestampMonotonic"))
+    k3s_main = int(_show(node, unit, "ExecMainStartTimestampMonotonic"))
     assert k3s_main > released, (k3s_main, released)
-    pre = _show(node, "k3s", "ExecStartPre")
-    assert "sugarkube-agent gate" in pre and "code=exited ; status=0 }" in pre, pre  # it said yes
+    condition = _show(node, unit, "ExecCondition")
+    assert f"gate --role {role}" in condition and "status=0 }" in condition, condition
+    # `gate --role` said "the other role": ExecCondition= skipped the other unit for this boot.
+    _wait(f"{other} skipped", lambda: _show(node, other, "Result") == "exec-condition", 30)
+    assert _show(node, other, "ActiveState") == "inactive"
+    assert _show(node, other, "NRestarts") == "0"
 
 
 def _one_etcd_cluster(nodes: list[nspawn.Container], voters: int) -> set[tuple[str, ...]] | None:
@@ -137,9 +144,20 @@ def test_one_node_boots_gates_k3s_and_reports(image_tmp: Path, deb: Path) -> Non
         assert node.poweroff(30)
 
 
+def _role(node: nspawn.Container) -> str:
+    """The role the agent released this node in (`status --json`: release_role)."""
+    def released() -> str:
+        done = node.run("sugarkube-agent", "status", "--json")
+        return json.loads(done.stdout).get("release_role", "") if done.returncode == 0 else ""
+    role: str = _wait("the gate released", released, 60)
+    return role
+
+
 def test_three_nodes_boot_together_and_form_one_cluster(image_tmp: Path, deb: Path) -> None:
+    """Two servers and an agent (SUGARKUBE_SERVERS=2): k3s.service and k3s-agent.service are
+    installed and enabled on every node, and each node runs exactly the unit of its role."""
     tarball = rootfs.base_tarball(packages=PACKAGES)
-    roots = [node_root(image_tmp, tarball, i) for i in (1, 2, 3)]  # SUGARKUBE_SERVERS: 3
+    roots = [node_root(image_tmp, tarball, i, SUGARKUBE_SERVERS="2") for i in (1, 2, 3)]
     with ExitStack() as stack:
         names = stack.enter_context(nspawn.network(BRIDGE, ["skimg1", "skimg2", "skimg3"]))
         started = time.monotonic()
@@ -149,16 +167,19 @@ def test_three_nodes_boot_together_and_form_one_cluster(image_tmp: Path, deb: Pa
         for node in nodes:
             node.wait_system_running(120)
         formed = time.monotonic() - started
-        for node in nodes:
-            _assert_gated_and_serving(node)
+        roles = [_role(node) for node in nodes]
+        assert sorted(roles) == ["agent", "server", "server"], roles
+        for node, role in zip(nodes, roles, strict=True):
+            _assert_gated_and_serving(node, role)
         dropins = [node.run("cat", "/etc/rancher/k3s/config.yaml.d/50-sugarkube.yaml",
                             check=True).stdout for node in nodes]
         assert sum("cluster-init: true" in text for text in dropins) == 1, dropins  # one bootstrap
         assert sum("server: https://" in text for text in dropins) == 2, dropins
         print(f"3 nodes: boot to every gate released and k3s active: {formed:.1f} s")
         # One cluster is what etcd says: each server's stand-in reports its etcd's view.
-        views = _wait("one etcd cluster of three voters on every node",
-                      lambda: _one_etcd_cluster(nodes, 3), 120)
+        servers = [node for node, role in zip(nodes, roles, strict=True) if role == "server"]
+        views = _wait("one etcd cluster of two voters on every server",
+                      lambda: _one_etcd_cluster(servers, 2), 120)
         print(f"3 nodes: one etcd cluster {views} after {time.monotonic() - started:.1f} s")
 
         # An operator stops the agent on node3: its advert leaves the wire, seen from node1.

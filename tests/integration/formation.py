@@ -1,8 +1,9 @@
 """A lab node as a Pi runs it, and what etcd says about the cluster such nodes formed.
 
-PiNode: the agent, and k3s (the stand-in, tests/lab/k3s/) gated on `agent gate` and restarted
-as systemd restarts k3s.service; power_cut() and boot() for a node that loses power and comes
-back with its disk. etcd_status() and assert_one_cluster(): "one cluster" is what etcd says.
+PiNode: the agent, and k3s (the stand-in, tests/lab/k3s/) as k3s.service and k3s-agent.service,
+each gated on `agent gate --role` and restarted as systemd restarts them; power_cut() and
+boot() for a node that loses power and comes back with its disk. etcd_status() and
+assert_one_cluster(): "one cluster" is what etcd says.
 """
 
 from __future__ import annotations
@@ -37,34 +38,46 @@ ETCDCTL = ("etcdctl", "--endpoints", "http://127.0.0.1:2379", "--dial-timeout", 
            "--command-timeout", "5s")  # fmt: skip
 
 
-GATED_START = (
-    f"{PYTHON} -m agent gate --timeout {GATE_TIMEOUT} && "
-    "if grep -q join-agent /run/sugarkube/gate-released; "
-    f"then exec {PYTHON} -m tests.lab.k3s_standin agent; "
-    f"else exec {PYTHON} -m tests.lab.k3s_standin server; fi"
-)
+SKIPPED = 3  # `gate --role`: released in the other role; ExecCondition= skips the unit
+
+
+def gate_condition(role: str) -> str:
+    """The drop-in's ExecCondition= for the unit of ROLE (`agent gate --role ROLE`)."""
+    return f"{PYTHON} -m agent gate --role {role} --timeout {GATE_TIMEOUT}"
 
 
 def k3s_unit(
-    start: str = GATED_START, starts: int = UNIT_STARTS, restart_sec: float = RESTART_SEC
+    start: str, condition: str = "", starts: int = UNIT_STARTS, restart_sec: float = RESTART_SEC,
+    name: str = "k3s",
 ) -> str:
-    """k3s.service for `sh -c`: START (the gate, as ExecStartPre, then `k3s server|agent`).
+    """A k3s unit for `sh -c`: CONDITION (the gate, as ExecCondition=), then START (`k3s ...`).
 
-    As Restart=always with RestartSec: whatever ended a start (the gate timed out, k3s was
-    refused), the next one begins RESTART_SEC s later, STARTS times at most. A SIGTERM to the
-    shell or its group stops the start in progress and ends the loop; a SIGKILL of the group
-    (the shell is its leader) takes everything, etcd included. START must not contain `'`.
+    As systemd runs the drop-in's ExecCondition= with Restart=always and RestartSec: CONDITION
+    exiting SKIPPED skips the unit for this boot (no restart); any other failure of CONDITION,
+    and whatever ends START (k3s refused, or stopped), start again RESTART_SEC s later, STARTS
+    times at most. A SIGTERM to the shell or its group stops the start in progress and ends the
+    loop; a SIGKILL of the group (the shell is its leader) takes everything, etcd included.
+    CONDITION and START must not contain `'`.
     """
+    check = f"""  sh -c '{condition}' & child=$!
+  wait $child; rc=$?
+  if [ -n "$stop" ]; then exit 0; fi
+  if [ $rc -eq {SKIPPED} ]; then echo "k3s-unit event=skipped unit={name} start=$n" >&2; exit 0; fi
+  if [ $rc -eq 0 ]; then
+""" if condition else "  if :; then\n"
     return f"""stop=
 trap 'trap "" TERM INT; stop=1; kill -TERM 0' TERM INT
 n=0
 while :; do
   n=$((n + 1))
-  sh -c '{start}' & child=$!
-  wait $child; rc=$?
-  if [ -n "$stop" ]; then wait $child; exit 0; fi
-  if [ $n -ge {starts} ]; then echo "k3s-unit event=gave_up starts=$n rc=$rc" >&2; exit 1; fi
-  echo "k3s-unit event=restarting start=$n rc=$rc in_s={restart_sec:g}" >&2
+{check}    sh -c 'exec {start}' & child=$!
+    wait $child; rc=$?
+    if [ -n "$stop" ]; then wait $child; exit 0; fi
+  fi
+  if [ $n -ge {starts} ]; then
+    echo "k3s-unit event=gave_up unit={name} starts=$n rc=$rc" >&2; exit 1
+  fi
+  echo "k3s-unit event=restarting unit={name} start=$n rc=$rc in_s={restart_sec:g}" >&2
   sleep {restart_sec:g} & child=$!
   wait $child
   if [ -n "$stop" ]; then exit 0; fi
@@ -72,7 +85,11 @@ done
 """
 
 
-K3S_UNIT = k3s_unit()
+# k3s.service and k3s-agent.service, both installed and enabled, each gated in its role.
+K3S_UNITS = {
+    role: k3s_unit(f"{PYTHON} -m tests.lab.k3s_standin {role}", gate_condition(role), name=unit)
+    for role, unit in (("server", "k3s"), ("agent", "k3s-agent"))
+}
 
 
 def _events(path: Path, offset: int, name: str, prefix: str = "") -> list[dict[str, str]]:
@@ -139,12 +156,15 @@ class PiNode:
         self._k3s_from = self._agent_from = 0
 
     def start(self) -> PiNode:
-        """Power on: the agent and the k3s unit (PID of its process group leader: `k3s.pid`)."""
+        """Power on: the agent and both k3s units (`units[role]`: its process group leader)."""
         if self.node.avahi_pid() is None:
             self.node.start_avahi()
         self._k3s_from, self._agent_from = _size(self.k3s_log), _size(self.agent_log)
         self.agent = Agent(self.node, self.agent_log, env=self.env)
-        self.k3s = self.node.spawn("sh", "-c", K3S_UNIT, log=self.k3s_log, env=node_env(**self.env))
+        self.units = {
+            role: self.node.spawn("sh", "-c", unit, log=self.k3s_log, env=node_env(**self.env))
+            for role, unit in K3S_UNITS.items()
+        }
         return self
 
     boot = start
@@ -157,7 +177,7 @@ class PiNode:
         the agent's entry groups with goodbye packets, which a dead node never sends.
         """
         self.node.kill_avahi_hard()
-        groups = [self.k3s, *([self.agent.proc] if self.agent is not None else [])]
+        groups = [*self.units.values(), *([self.agent.proc] if self.agent is not None else [])]
         for proc in groups:
             _kill_group(proc)
         for proc in groups:
@@ -183,8 +203,17 @@ class PiNode:
         return ca_of(self.node)
 
     def joined(self) -> bool:
-        """The stand-in serves, or joined (as an agent, or a server promoted to voter)."""
-        return bool(self.k3s_events("serving") or self.k3s_events("joined"))
+        """The stand-in serves, or joined (as an agent, or a server promoted to voter), or
+        started again as the agent it is."""
+        return any(self.k3s_events(name) for name in ("serving", "joined", "restarted"))
+
+    def units_run(self) -> dict[str, list[str]]:
+        """What each k3s unit did this boot: its `k3s-unit` events in order, by unit name."""
+        done: dict[str, list[str]] = {"k3s": [], "k3s-agent": []}
+        for name in ("skipped", "restarting", "gave_up"):
+            for e in self.k3s_events(name):
+                done[e["unit"]].append(name)
+        return done
 
 
 def form(lab: Lab, logs: Path, *, jitter: float, seed: int, **env: str) -> list[PiNode]:

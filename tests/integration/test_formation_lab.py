@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cluster import k3s
 from tests.integration.formation import TOKEN, PiNode, assert_one_cluster, form, wait_formed
 from tests.integration.helpers import (
     PYTHON,
@@ -71,6 +72,51 @@ def test_a_node_booting_into_a_formed_cluster_joins_as_agent(lab_factory, tmp_pa
     assert int(released["ms_elapsed"]) < 3000, released
     assert late.ca() == first[0].ca()
     assert_one_cluster([*first, late], 3)  # the agent is no etcd member
+
+
+def _roles(nodes: list[PiNode]) -> dict[str, str]:
+    """Each node's role, from which k3s unit its gate skipped: never both, never neither."""
+    roles = {}
+    for pi in nodes:
+        units = pi.units_run()
+        skipped = {unit for unit, events in units.items() if events == ["skipped"]}
+        assert len(skipped) == 1, (pi.node.name, units)  # one skip, no restart loop
+        roles[pi.node.name] = "agent" if skipped == {"k3s"} else "server"
+    return roles
+
+
+def test_five_nodes_three_servers_agents_run_k3s_agent_across_a_power_cut(
+    lab_factory, tmp_path: Path
+) -> None:
+    """servers=3 on five nodes: two run `k3s agent` (k3s-agent.service; k3s.service skipped
+    by its gate), never etcd members; after every node loses power they come back in the
+    same roles, released at once as members, and etcd is the same cluster of three."""
+    lab = lab_factory(5)
+    pis = form(lab, tmp_path, jitter=2.0, seed=5)
+    modes = sorted(r["mode"] for r in wait_formed(pis, 120))
+    assert modes == ["cluster-init", "join-agent", "join-agent", "join-server", "join-server"]
+    roles = _roles(pis)
+    assert sorted(roles.values()) == ["agent", "agent", "server", "server", "server"], roles
+    for pi in pis:
+        expected = k3s.Membership.AGENT if roles[pi.node.name] == "agent" else (
+            k3s.Membership.SERVER)
+        assert k3s.membership(pi.node.path("/")) is expected, pi.node.name
+    cluster = assert_one_cluster(pis, 3)
+    for pi in pis:
+        pi.power_cut()
+    for pi in pis:
+        pi.boot()
+    assert {r["mode"] for r in wait_formed(pis, 60)} == {"member"}
+    assert _roles(pis) == roles
+    assert assert_one_cluster(pis, 3) == cluster
+    for pi in pis:
+        gate = pi.node.run(PYTHON, "-m", "agent", "gate", "--role", "agent", "--timeout", "5",
+                           env=node_env())  # fmt: skip
+        if roles[pi.node.name] == "agent":
+            assert gate.returncode == 0, gate.stderr
+        else:
+            assert gate.returncode == 3, gate.stderr
+            assert "this node runs k3s.service, not k3s-agent.service" in gate.stderr
 
 
 def test_impostor_with_another_ca_is_refused_and_never_joined(lab_factory, tmp_path: Path) -> None:

@@ -204,7 +204,7 @@ def test_a_second_concurrent_learner_is_refused_then_joins_on_restart(
     assert len(refused) == 1, [j.text() for j in joiners]
     (loser,) = refused
     assert loser.events("refused")[0]["reason"] == "too_many_learners"
-    assert "k3s-unit event=restarting start=1 rc=1" in loser.text()
+    assert "k3s-unit event=restarting unit=k3s start=1 rc=1" in loser.text()
     assert first.events("join_rejected")[0]["reason"] == "too_many_learners"
     assert_one_cluster([n1, n2, n3], voters=3, timeout=20)
     for joiner in joiners:

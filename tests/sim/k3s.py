@@ -1,6 +1,6 @@
 """k3s on one node, and the etcd clusters, as strict as k3s is where formation depends on it.
 
-- k3s.service (or k3s-agent.service) starts at boot and waits in the gate (ExecStartPre) until
+- k3s.service (or k3s-agent.service) starts at boot and waits in the gate (ExecCondition) until
   the agent releases; it then runs what the drop-in and the disk say. Restart=always,
   RestartSec=5s: a k3s that exits is started again 5 s later.
 - A node whose k3s cannot run (memory cgroup off) exits at once, every time.

@@ -756,3 +756,30 @@ def test_a_lower_server_heard_under_its_joiner_name_still_admits_instead() -> No
     f.advert_seen(lan.t, serving)
     lan.run(9.0)
     assert _admits(f) == ""
+
+
+# -- agent-only nodes ----------------------------------------------------------------------------
+
+
+def test_an_agent_only_node_never_stands_nor_votes_and_joins_as_an_agent_in_any_case() -> None:
+    # The lowest key, alone with a quorum of free candidates voting for it: a node that can
+    # run only `k3s agent` must not bootstrap (cluster-init would be ignored by k3s agent).
+    f = _node(key="1", agent_only=True)
+    peers = [_ad("p.local", Role.CANDIDATE, "5", vote="1"), _ad("q.local", Role.CANDIDATE, "7",
+                                                                vote="1")]
+    lan = Lan(f, peers)
+    for advert in peers:
+        f.advert_seen(0.0, advert)
+    actions = lan.run(60.0)
+    assert f.released is None and not any(isinstance(a, Bind) for a in actions)
+    assert {a for a in actions if isinstance(a, Advertise)} == {
+        Advertise(Role.CANDIDATE, v.INELIGIBLE, "a.local")  # others neither wait for nor count it
+    }
+    assert f.status.startswith("agent only (k3s-agent.service, no k3s.service here)")
+    # A server with free slots admitting it: it still joins as an agent.
+    server = _ad("s.local", Role.SERVER, "2", ca="c" * 64, admit="1")
+    f.advert_seen(lan.t, server)
+    lan.live = [server]
+    lan.serving.add("s.local")
+    lan.run(70.0, stop=lambda f: f.released)
+    assert f.released == Release("join-agent", server)

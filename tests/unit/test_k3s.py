@@ -589,3 +589,23 @@ def test_wipe_empties_a_mounted_state_directory(tmp_path: Path) -> None:
     assert sorted(removed[1:]) == [f"{k3s.K3S_STATE}/{n}" for n in ("agent", "data", "server")]
     assert (tmp_path / k3s.K3S_STATE).is_dir()
     assert list((tmp_path / k3s.K3S_STATE).iterdir()) == []
+
+
+def test_agent_only_is_k3s_agent_service_without_an_unmasked_k3s_service(tmp_path: Path) -> None:
+    def unit(directory: str, name: str, text: str = "[Service]\nExecStart=/usr/local/bin/k3s\n"):
+        path = tmp_path / directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    assert not k3s.agent_only(tmp_path)  # neither: the operator runs k3s some other way
+    unit("etc/systemd/system", "k3s-agent.service")  # the installer's agent mode
+    assert k3s.agent_only(tmp_path)
+    server = unit("lib/systemd/system", "k3s.service")
+    assert not k3s.agent_only(tmp_path)
+    (tmp_path / "etc/systemd/system/k3s.service").symlink_to("/dev/null")  # masked
+    assert k3s.agent_only(tmp_path)
+    (tmp_path / "etc/systemd/system/k3s.service").unlink()
+    unit("run/systemd/system", "k3s.service", "")  # an empty unit file is masked too
+    assert k3s.agent_only(tmp_path)
+    assert server.exists()

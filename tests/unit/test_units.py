@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "sugarkube-agent.service"
 CAPTURE = SYSTEMD / "sugarkube-agent-capture.conf"
-K3S_GATE = SYSTEMD / "k3s.service.d" / "10-sugarkube-gate.conf"
+GATES = {  # each k3s unit's drop-in, by the role its gate asks for
+    "k3s.service": ("server", SYSTEMD / "k3s.service.d" / "10-sugarkube-gate.conf"),
+    "k3s-agent.service": ("agent", SYSTEMD / "k3s-agent.service.d" / "10-sugarkube-gate.conf"),
+}
 EXPOSURE_MAX = 2.5  # issue 5; Debian 12 reference: systemd-resolved 2.2, timesyncd 2.3
 OFFLINE_SINCE = 250  # `systemd-analyze security --offline` first appeared in systemd 250
 
@@ -71,7 +74,9 @@ TimeoutStartSec=0
 [Install]
 WantedBy=multi-user.target
 """
-STANDIN_EXECUTABLES = ("usr/bin/sugarkube-agent", "bin/kill", "sbin/modprobe", "usr/local/bin/k3s")
+STANDIN_EXECUTABLES = (
+    "usr/bin/sugarkube-agent", "bin/kill", "bin/sh", "sbin/modprobe", "usr/local/bin/k3s",
+)
 STANDIN_TARGETS = ("sysinit.target", "basic.target", "shutdown.target", "multi-user.target")
 
 
@@ -129,7 +134,8 @@ def root(tmp_path: Path) -> Path:
     for unit, mode in (("k3s.service", "server"), ("k3s-agent.service", "agent")):
         (etc / f"{unit}.d").mkdir(parents=True)
         (etc / unit).write_text(K3S_STANDIN.format(mode=mode))
-        shutil.copy(K3S_GATE, etc / f"{unit}.d" / K3S_GATE.name)
+        gate = GATES[unit][1]
+        shutil.copy(gate, etc / f"{unit}.d" / gate.name)
     return base
 
 
@@ -298,13 +304,42 @@ def test_the_runtime_directory_survives_restarts() -> None:
     assert unit["ConfigurationDirectory"] == [k3s.DROPIN_DIR.removeprefix("etc/")]
 
 
-def test_the_k3s_gate_runs_the_agent_this_unit_starts() -> None:
-    gate = directives(K3S_GATE)
-    (pre,) = gate["ExecStartPre"]
+@pytest.mark.parametrize("unit", sorted(GATES))
+def test_each_k3s_unit_is_gated_in_its_role(unit: str) -> None:
+    role, path = GATES[unit]
+    gate = directives(path)
+    (condition,) = gate["ExecCondition"]
     (start,) = directives(UNIT)["ExecStart"]
-    assert pre.split()[0] == start.split()[0]
+    assert f"{start.split()[0]} gate --role {role} " in condition
     assert "sugarkube-agent.service" in words(gate["After"])
     assert "sugarkube-agent.service" in words(gate["Wants"])
+    assert "ExecStartPre" not in gate
+
+
+# What the drop-ins' ExecCondition= turns each exit of `gate --role` into, for systemd: 0 start,
+# 1-254 skip the unit cleanly (no restart), 255 fail (Restart=always waits at the gate again).
+CONDITION = {
+    const.EXIT_OK: 0, const.EXIT_OTHER_ROLE: 1, const.EXIT_FAIL: 255,
+    const.EXIT_UNAVAILABLE: 255, const.EXIT_USAGE: 255,
+}
+
+
+@pytest.mark.parametrize("unit", sorted(GATES))
+@pytest.mark.parametrize("gate_exit", sorted(CONDITION))
+def test_the_condition_skips_only_the_unit_of_the_other_role(
+    tmp_path: Path, unit: str, gate_exit: int
+) -> None:
+    # The drop-in's command line as systemd runs it ($$ is a literal $), with the agent's path
+    # pointing at a stand-in that exits as `gate` would.
+    (condition,) = directives(GATES[unit][1])["ExecCondition"]
+    (start,) = directives(UNIT)["ExecStart"]
+    fake = tmp_path / "sugarkube-agent"
+    fake.write_text(f"#!/bin/sh\nexit {gate_exit}\n")
+    fake.chmod(0o755)
+    argv = condition.replace("$$", "$").replace(start.split()[0], str(fake))
+    shell, flag, script = argv.split(" ", 2)
+    done = subprocess.run([shell, flag, script.strip("'")], check=False, timeout=10)
+    assert done.returncode == CONDITION[gate_exit]
 
 
 def test_the_capture_dropin_only_adds_packet_capture() -> None:
