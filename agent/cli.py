@@ -31,9 +31,12 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _make_log(settings: Settings, *, persistent_salt: bool) -> EventLog:
+def _make_log(settings: Settings | None, *, persistent_salt: bool) -> EventLog:
+    """The event log; without settings (unreadable configuration) addresses are redacted."""
     salt = load_salt(const.STATE_DIR / "redact-salt") if persistent_salt else b"discover"
-    redactor = Redactor(salt, addresses=settings.redact_addresses)
+    redactor = Redactor(salt, addresses=settings is None or settings.redact_addresses)
+    if settings is None:
+        return EventLog(redactor=redactor)
     if settings.token is not None:
         redactor.add_secret(settings.token.reveal())
     log = EventLog(redactor=redactor)
@@ -45,6 +48,20 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from agent.daemon.service import serve
 
     return asyncio.run(serve(settings, _make_log(settings, persistent_salt=True), args.config))
+
+
+def _run_unconfigured(args: argparse.Namespace, error: ConfigError) -> int:
+    """`run` with a configuration that does not load: a member still releases its gate from
+    its local state (agent/daemon/local.py); a fresh node exits with the error's code."""
+    from agent.daemon.local import held_role
+    from agent.daemon.service import serve_unconfigured
+
+    role = held_role(Path("/"))
+    if role is None:
+        return error.exit_code
+    return asyncio.run(serve_unconfigured(
+        args.config, str(error), role, lambda s: _make_log(s, persistent_salt=True)
+    ))
 
 
 def _discover(args: argparse.Namespace, settings: Settings) -> int:
@@ -62,7 +79,7 @@ def _discover(args: argparse.Namespace, settings: Settings) -> int:
     return const.EXIT_OK if found else const.EXIT_FAIL
 
 
-def _gate(args: argparse.Namespace, settings: Settings) -> int:
+def _gate(args: argparse.Namespace, settings: None) -> int:
     from agent.client import gate
 
     code, reason = asyncio.run(gate(args.timeout, sys.stdout, args.role))
@@ -70,7 +87,7 @@ def _gate(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
-def _status(args: argparse.Namespace, settings: Settings) -> int:
+def _status(args: argparse.Namespace, settings: None) -> int:
     from agent.client import Unreachable, render_status, status
 
     try:
@@ -106,7 +123,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     return command.run(args, settings.report_path)
 
 
-Command = Callable[[argparse.Namespace, Settings], int]
+Command = Callable[[argparse.Namespace, Any], int]  # Settings; None for gate and status
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -183,12 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the configuration, run the command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.handler in (_gate, _status):
+        # They only ask the daemon, which says what it thinks of the configuration: a typo in
+        # agent.yaml must not hold k3s at its gate (the unit's ExecCondition runs `gate`).
+        return _guarded(args.handler, args, None)
     try:
         settings = load_settings(args.config)
     except ConfigError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
+        if args.handler is _run:
+            return _run_unconfigured(args, err)
         return err.exit_code
-    handler: Command = args.handler
+    return _guarded(args.handler, args, settings)
+
+
+def _guarded(handler: Command, args: argparse.Namespace, settings: Settings | None) -> int:
     try:
         return handler(args, settings)
     except KeyboardInterrupt:

@@ -44,6 +44,8 @@ def render_status(snapshot: dict[str, Any]) -> str:
     ]
     if snapshot.get("leader"):
         lines.append(f"leader: {snapshot['leader']}")
+    degraded = sorted(snapshot.get("degraded", {}).items())
+    lines += [f"degraded: {what}: {why}" for what, why in degraded]
     peers = snapshot.get("peers", [])
     lines.append(f"peers ({len(peers)}):")
     lines += [f"  {p['name']}  role={p['role']} phase={p['phase']}" for p in peers]

@@ -42,6 +42,7 @@ class Snapshot:
     released: bool = False
     release_mode: str = ""
     release_role: str = ""  # server or agent: which k3s unit runs (`gate --role`)
+    degraded: dict[str, str] = field(default_factory=dict)  # what does not work, and why
     leader: str = ""
     avahi: str = "unknown"
     peers: list[PeerInfo] = field(default_factory=list)

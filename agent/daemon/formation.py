@@ -34,7 +34,7 @@ from agent.cluster.peers import Change, PeerTable
 from agent.cluster.probe import RefusalReason, choose_address, wire_proof
 from agent.cluster.view import NodeAdvert, to_node_adverts
 from agent.config import Settings
-from agent.daemon import ballot
+from agent.daemon import ballot, local
 from agent.daemon.control import DaemonState, PeerInfo
 from agent.daemon.metrics import Metrics
 from agent.daemon.netlink import Interface, InterfaceEvent
@@ -150,18 +150,8 @@ class FormationRunner:
                       reason="k3s-agent.service is installed and k3s.service is not")  # fmt: skip
 
     def _membership(self) -> Role | None:
-        """SERVER or AGENT when this node released before (this boot or an earlier one) or
-        holds k3s state: it is then a member, whatever k3s is doing now."""
-        marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
-        mode = self._ballot.released
-        with contextlib.suppress(OSError):
-            mode = marker.read_text().strip() or mode
-        held = k3s.membership(self._root)
-        if held == k3s.Membership.AGENT or mode == "join-agent":
-            return Role.AGENT
-        if held == k3s.Membership.SERVER or mode:
-            return Role.SERVER
-        return None
+        """SERVER or AGENT when this node released before or holds k3s state (local.py)."""
+        return local.held_role(self._root, self._ballot.released)
 
     def _rejoin(self) -> bool:
         """Rule 8 (election.py): released as a joining server at an earlier boot (no release

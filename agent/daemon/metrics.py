@@ -46,6 +46,9 @@ _VERSION = re.compile(r"HTTP/1\.[0-9]")
 _INDEX = b"sugarkube-agent: Prometheus metrics are at /metrics\n"
 
 
+DEGRADABLE = ("config", "interface", "metrics")  # what fails without holding the gate (local.py)
+
+
 class MetricsError(Exception):
     """The endpoint cannot listen; the message says what to change."""
 
@@ -101,6 +104,11 @@ class Metrics:
             "bootstrap node to serve, else 0.",
             registry=registry,
         )
+        self._degraded = Gauge(
+            "sugarkube_degraded",
+            "1 while a part the gate does not wait on fails (config, interface, metrics), else 0.",
+            ["what"], registry=registry,
+        )
         self._refused = Counter(
             "sugarkube_join_refused", "Servers refused at the wire proof, by reason.",
             ["reason"], registry=registry,
@@ -112,6 +120,8 @@ class Metrics:
             self._phase.labels(phase).set(0)
         for role in ROLES:
             self._peers.labels(role).set(0)
+        for what in DEGRADABLE:
+            self._degraded.labels(what).set(0)
         # Present at 0 from the start, so that increase() sees the first refusal.
         for reason in RefusalReason:
             self._refused.labels(reason.value)
@@ -196,6 +206,11 @@ class Metrics:
     def join_stalled(self, stalled: bool) -> None:
         """Whether joining waits on a node that has not served for minutes."""
         self._stalled.set(1 if stalled else 0)
+        self._rendered = None
+
+    def degraded(self, what: str, failing: bool) -> None:
+        """Whether `what` (config, interface, metrics) fails while the daemon goes on without it."""
+        self._degraded.labels(what).set(1 if failing else 0)
         self._rendered = None
 
     def join_refused(self, reason: str) -> None:

@@ -24,14 +24,15 @@ from agent.avahi.browser import Browser
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.avahi.publisher import Publisher
 from agent.config import ConfigError, Settings, load_settings
+from agent.daemon import local
 from agent.daemon.control import ControlServer, DaemonState
 from agent.daemon.formation import AdvertPublisher, BrowserFactory, FormationRunner
 from agent.daemon.metrics import Metrics, MetricsError, serve_metrics
-from agent.daemon.netlink import InterfaceError, choose_interface, watch_interface
+from agent.daemon.netlink import Interface, InterfaceError, choose_interface, watch_interface
 from agent.daemon.notify import Notifier
 from agent.daemon.verifier import due_this_boot, run_verifier
 from agent.log import EventLog
-from agent.mdns.records import service_type
+from agent.mdns.records import Role, service_type
 
 
 class Fatal(Exception):
@@ -82,20 +83,29 @@ class Daemon:
         try:
             self.iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
         except InterfaceError as err:
-            log.event("interface_unusable", "error", error=str(err))
-            return const.EXIT_UNAVAILABLE
+            role = await asyncio.to_thread(local.held_role, Path("/"))
+            log.event("interface_unusable", "error" if role is None else "warning", error=str(err))
+            if role is None:
+                return const.EXIT_UNAVAILABLE  # a fresh node cannot form without one
+            found = asyncio.ensure_future(self._interface_found())
+            try:
+                await local.hold_released(
+                    role, "interface", f"{err}; waiting for one", log=log, notifier=self.notifier,
+                    until=_first(found, self.stop.wait()),
+                    metrics_at=(settings.metrics.host, settings.metrics.port),
+                )
+            finally:
+                found.cancel()
+            if not found.done() or found.cancelled():
+                return const.EXIT_OK  # SIGTERM while waiting
+            self.iface = found.result()
         self.hostname = socket.gethostname()
         code = await (self._open_dbus() if settings.mdns.dbus else self._open_fallback())
         if code is not None:
             return code
         self.metrics = Metrics(__version__, settings.cluster, settings.env)
-        try:
-            server = await serve_metrics(self.metrics, settings.metrics.host, settings.metrics.port)
-        except MetricsError as err:
-            log.event("metrics_unavailable", "error", error=str(err))
-            return const.EXIT_CONFIG
-        self._closers.append(server.close)
         self.state = DaemonState()
+        await self._serve_metrics()
         self.runner = FormationRunner(
             settings=settings, log=log, publisher=self.publisher, browse=self.browse,
             avahi=self.bus.state if self.bus else defs.ServerState.RUNNING, iface=self.iface,
@@ -172,6 +182,7 @@ class Daemon:
                     tasks.create_task(self._verify_and_reload(), name="verifier"),
                     tasks.create_task(self._forward_status(), name="status"),
                     tasks.create_task(self._watch_interface(), name="netlink"),
+                    tasks.create_task(self._retry_metrics(), name="metrics"),
                     tasks.create_task(
                         self.notifier.watchdog(self.prove_alive, self._watchdog_health),
                         name="watchdog",
@@ -196,6 +207,51 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(close(), const.SHUTDOWN_GRACE)
 
+    async def _serve_metrics(self) -> bool:
+        """The metrics endpoint; when it cannot bind, the daemon goes on without it (degraded:
+        Prometheus is no reason to keep k3s gated) and _retry_metrics tries again."""
+        listen = self.settings.metrics
+        try:
+            server = await serve_metrics(self.metrics, listen.host, listen.port)
+        except MetricsError as err:
+            await self._degrade("metrics", str(err))
+            return False
+        self._closers.append(server.close)
+        await self._degrade("metrics", None)
+        return True
+
+    async def _retry_metrics(self) -> None:
+        """Soon at first (the port held for a moment by a process on its way out), then every
+        METRICS_RETRY s."""
+        pause = 1.0
+        while "metrics" in self.state.snapshot.degraded:
+            await asyncio.sleep(pause)
+            await self._serve_metrics()
+            pause = min(pause * 2, const.METRICS_RETRY)
+
+    async def _degrade(self, what: str, reason: str | None) -> None:
+        """`what` fails for `reason` (None: it works again): event, STATUS, `status`, metric."""
+        degraded = dict(self.state.snapshot.degraded)
+        if reason is None:
+            if degraded.pop(what, None) is None:
+                return
+            self.log.event("degraded_recovered", what=what)
+        else:
+            if degraded.get(what) != reason:
+                self.log.event("degraded", "warning", what=what, reason=reason)
+            degraded[what] = reason
+        self.metrics.degraded(what, reason is not None)
+        await self.state.update(degraded=degraded)
+
+    async def _interface_found(self) -> Interface:
+        """Poll for a usable interface (a member waits for its network without holding k3s)."""
+        while True:
+            await asyncio.sleep(const.INTERFACE_RETRY)
+            with contextlib.suppress(InterfaceError):
+                iface = await asyncio.to_thread(choose_interface, self.settings.mdns.interface)
+                self.log.event("interface_found", interface=iface.name)
+                return iface
+
     async def _watch_interface(self) -> None:
         """Address and link changes of the mDNS interface reach the advert."""
         async for event in watch_interface(self.iface.name, self.iface.index):
@@ -204,7 +260,10 @@ class Daemon:
     async def _forward_status(self) -> None:
         """STATUS= follows the daemon's status line (systemctl status shows it)."""
         while True:
-            self.notifier.status(self.state.snapshot.status)
+            snapshot = self.state.snapshot
+            degraded = f" [degraded: {', '.join(sorted(snapshot.degraded))}]" * bool(
+                snapshot.degraded)
+            self.notifier.status(snapshot.status + degraded)
             await self.state.wait_change(const.GATE_REPORT_INTERVAL)
 
     def _watchdog_health(self, reason: str | None) -> None:
@@ -267,6 +326,55 @@ def _printable(args: tuple[Any, ...]) -> str:
 
 async def _loop_alive() -> None:
     await asyncio.sleep(0)
+
+
+async def _first(*waits: Awaitable[object]) -> None:
+    """Return once any of `waits` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
+async def serve_unconfigured(
+    config_path: Path | None,
+    error: str,
+    role: Role,
+    make_log: Callable[[Settings | None], EventLog],
+) -> int:
+    """A member whose configuration is unreadable: released from local state until SIGHUP
+    brings a configuration that loads, then the daemon whole; the exit code."""
+    log = make_log(None)
+    loop = asyncio.get_running_loop()
+    stop, hup = asyncio.Event(), asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    settings: Settings | None = None
+
+    async def reloaded() -> None:
+        nonlocal settings
+        while settings is None:
+            await hup.wait()
+            hup.clear()
+            try:
+                settings = load_settings(config_path)
+            except ConfigError as err:
+                log.event("config_reload_failed", "error", error=str(err), kept="local state")
+        log.event("config_reloaded", changed="all")
+
+    notifier = Notifier(on_error=lambda line: log.event("notify_failed", "warning", error=line))
+    reason = f"{error}; fix it, then `systemctl reload sugarkube-agent`"
+    await local.hold_released(
+        role, "config", reason, log=log, notifier=notifier, until=_first(reloaded(), stop.wait())
+    )
+    if settings is None:
+        log.event("stopped")
+        return const.EXIT_OK
+    return await Daemon(settings, make_log(settings), config_path).serve()
 
 
 async def _watch_bus(bus: AvahiBus | None) -> None:

@@ -29,6 +29,7 @@ DESIGN_FAMILIES = {  # DESIGN.md §A "Observability", as families in the text fo
     "sugarkube_join_refused_total": "counter",
     "sugarkube_join_stalled": "gauge",  # issue 10 rule 5: joiners waiting on a silent bootstrapper
     "sugarkube_agent_info": "gauge",
+    "sugarkube_degraded": "gauge",  # issue 11: what the gate does not wait on, failing
 }
 
 HISTOGRAMS = {  # facade method -> histogram

@@ -335,6 +335,8 @@ def test_each_alert_fires_on_the_agents_series_when_it_should(tmp_path: Path) ->
                 series("sugarkube_join_refused_total", "0x30", reason="unreachable"),
                 series("sugarkube_join_stalled", "0x3 1x10"),
                 series("up", "1x3 0x10"),
+                series("sugarkube_degraded", "0x2 1x20", what="metrics"),
+                series("sugarkube_degraded", "0x30", what="config"),
             ],
             "alert_rule_test": [
                 {"eval_time": "14m", "alertname": "SugarkubeGateNotReleased", "exp_alerts": []},
@@ -365,6 +367,11 @@ def test_each_alert_fires_on_the_agents_series_when_it_should(tmp_path: Path) ->
                 {
                     "eval_time": "6m", "alertname": "SugarkubeJoinStalled",
                     "exp_alerts": [expected("SugarkubeJoinStalled", node)],
+                },
+                {"eval_time": "11m", "alertname": "SugarkubeDegraded", "exp_alerts": []},
+                {
+                    "eval_time": "13m", "alertname": "SugarkubeDegraded",
+                    "exp_alerts": [expected("SugarkubeDegraded", {**node, "what": "metrics"})],
                 },
                 {
                     "eval_time": "9m", "alertname": "SugarkubeAgentDown",

@@ -1,0 +1,109 @@
+"""A member releases from its local state, whatever else fails (DESIGN.md §A "Gate release").
+
+A node that holds k3s state, or released at an earlier boot, needs nothing from the network or
+the configuration to start k3s again: its disk says which role it has. So when the daemon
+cannot run whole (a YAML typo in agent.yaml, no usable interface: no default route yet after a
+power cut), a member still releases its gate at once, in its role, and the daemon says what it
+waits for: `degraded: <reason>; released from local state as <role>` in STATUS and `status`,
+`event=degraded_release`, and `sugarkube_degraded{reason}` on the metrics endpoint (the default
+or configured one). It stays so until what failed comes right (the configuration reloaded with
+SIGHUP, an interface appears), then the daemon starts whole. A fresh node has no such state and
+exits as before (78 bad configuration, 69 no interface): forming a cluster needs both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from pathlib import Path
+
+from agent import __version__, const
+from agent.cluster import k3s
+from agent.config import DEFAULT_METRICS_HOST
+from agent.daemon import ballot
+from agent.daemon.control import ControlServer, DaemonState
+from agent.daemon.metrics import Metrics, MetricsError, serve_metrics
+from agent.daemon.notify import Notifier
+from agent.log import EventLog
+from agent.mdns.records import Role
+
+
+def held_role(root: Path, released: str | None = None) -> Role | None:
+    """SERVER or AGENT when this node released before (this boot or an earlier one) or holds
+    k3s state: it is then a member, whatever k3s is doing now; None for a fresh node.
+
+    `released` is the ballot's release mode when the caller has it (None: read it here; a
+    damaged ballot then counts as none: k3s's own files still decide).
+    """
+    if released is None:
+        try:
+            stored = ballot.load(root)
+        except ballot.BallotError:
+            stored = None
+        released = stored.released if stored is not None else ""
+    mode = released
+    with contextlib.suppress(OSError):
+        marked = (root / str(const.GATE_RELEASED_MARKER).lstrip("/")).read_text().strip()
+        if marked not in ("", "member"):  # "member" says nothing of the role
+            mode = marked
+    held = k3s.membership(root)
+    if held == k3s.Membership.AGENT or mode == "join-agent":
+        return Role.AGENT
+    if held == k3s.Membership.SERVER or mode:
+        return Role.SERVER
+    return None
+
+
+async def hold_released(
+    role: Role,
+    what: str,
+    reason: str,
+    *,
+    log: EventLog,
+    notifier: Notifier,
+    until: Awaitable[object],
+    metrics_at: tuple[str, int] = (DEFAULT_METRICS_HOST, const.METRICS_PORT),
+) -> None:
+    """Serve the gate released as `role` (control socket, STATUS, metrics) until `until` is done;
+    `what` failed (config, interface) for `reason`.
+
+    The caller then starts the daemon whole (its own control socket takes over; a `gate` that
+    is still waiting connects again) or exits on SIGTERM by cancelling this.
+    """
+    name = "agent" if role == Role.AGENT else "server"
+    status = f"degraded: {reason}; released from local state as {name}"
+    state = DaemonState()
+    await state.update(
+        phase="member", role=name, status=status, released=True, release_mode="member",
+        release_role=name, degraded={what: reason},
+    )
+    control = ControlServer(state, wipe=_nothing_to_withdraw)
+    metrics = Metrics(__version__, "unknown", "unknown")
+    metrics.gate_released(True)
+    metrics.degraded(what, True)
+    endpoint = None
+    try:
+        await control.start()
+        with contextlib.suppress(MetricsError):
+            endpoint = await serve_metrics(metrics, *metrics_at)
+        log.event("degraded_release", "warning", role=name, what=what, reason=reason)
+        notifier.ready()
+        notifier.status(status)
+        watchdog = asyncio.ensure_future(notifier.watchdog(_loop_alive))
+        try:
+            await until
+        finally:
+            watchdog.cancel()
+    finally:
+        await control.close()
+        if endpoint is not None:
+            await endpoint.close()
+
+
+async def _nothing_to_withdraw() -> bool:
+    return True  # no advert was published
+
+
+async def _loop_alive() -> None:
+    await asyncio.sleep(0)
