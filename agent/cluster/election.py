@@ -209,11 +209,14 @@ class Formation:
         self._round_in_flight = False
         self._round_due = now + self.timings.round_retry
 
-    def proof_done(self, now: float, advert: NodeAdvert, ok: bool, reason: str = "") -> Event:
-        """The wire proof of a server finished; returns the event to log."""
+    def proof_done(
+        self, now: float, advert: NodeAdvert, ok: bool, reason: str = "", why: str = ""
+    ) -> Event:
+        """The wire proof of a server finished (`reason` a RefusalReason value, `why` its cause
+        for STATUS); returns the event to log."""
         if ok:
             self._stalled = False
-        return self.joins.proof_done(now, advert, ok, reason)
+        return self.joins.proof_done(now, advert, ok, reason, why or reason)
 
     def local_api(self, now: float, ca_sha256: str) -> None:
         """The local k3s API answers on 6443, serving this CA."""
@@ -519,9 +522,15 @@ class Formation:
         return advert.cluster_side or advert.bootstrapping
 
     def _say_waiting(self, now: float, actions: list[Action]) -> None:
-        """While a known server does not serve yet, the status names it; stalls warn once."""
+        """While a known server does not serve yet, the status names it; stalls warn once.
+        A known server that claims to serve and failed its proof is named with the cause."""
+        if self.released is not None:
+            return
+        failed = self.joins.failed
+        if failed is not None and any(a.name == failed.advert.name for a in self.view.known(now)):
+            self.status += f"; {failed.advert.host} refused: {failed.reason}"
         waiting = self.joins.waiting
-        if self.released is not None or waiting is None:
+        if waiting is None:
             return
         advert, since, reason = waiting.advert, waiting.since, waiting.reason
         if not any(a.name == advert.name for a in self.view.known(now)):

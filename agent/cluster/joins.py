@@ -48,6 +48,12 @@ class EtcdMembers:
     at: float
 
 
+# Proof failures after a TLS answer (probe.RefusalReason values): the server is alive, so its
+# cluster exists and blocks bootstrapping even though this node cannot join it yet (this node's
+# clock behind the cluster's certificates, a Pi without an RTC battery before NTP syncs).
+ANSWERED = frozenset({"tls_error", "verify_failed", "bad_cacerts"})
+
+
 @dataclass
 class Waiting:
     """A server that does not serve yet, since when, and its last proof's reason."""
@@ -72,6 +78,7 @@ class Joins:
     joined: NodeAdvert | None = None  # the server whose proof passed
     joined_at: float = 0.0  # when
     waiting: Waiting | None = None
+    failed: Waiting | None = None  # the last server that claimed to serve and failed its proof
     _refused: set[str] = field(default_factory=set)
     _retry_at: dict[str, float] = field(default_factory=dict)  # not proven again before
     _dead_until: dict[str, float] = field(default_factory=dict)  # claimed serving, failed
@@ -80,22 +87,29 @@ class Joins:
     _grant: tuple[str, str, float] | None = None  # (ident, key, since) of the node admitted
     _passed: set[str] = field(default_factory=set)  # let their grants lapse: come last
 
-    def proof_done(self, now: float, advert: NodeAdvert, ok: bool, reason: str) -> Event:
-        """Record a wire proof's outcome; the event to log."""
+    def proof_done(
+        self, now: float, advert: NodeAdvert, ok: bool, reason: str, why: str = ""
+    ) -> Event:
+        """Record a wire proof's outcome (`why`: its cause, for STATUS); the event to log."""
         self.proving = None
         if ok:
-            self.joined, self.joined_at, self.waiting = advert, now, None
+            self.joined, self.joined_at, self.waiting, self.failed = advert, now, None, None
             return Event("wire_proof_passed", (("server", advert.host),))
+        why = why or reason or "refused"
         if reason == "ca_mismatch":
             self._refused.add(advert.name)
+            self.failed = Waiting(advert, now, why)
             return Event("join_refused", (("server", advert.host), ("reason", reason)))
         if advert.phase != v.SERVING:
             self._retry_at[advert.name] = now + self.retry
             same = self.waiting is not None and self.waiting.advert.key == advert.key
             since = self.waiting.since if self.waiting is not None and same else now
-            self.waiting = Waiting(advert, since, reason or "refused")
+            self.waiting = Waiting(advert, since, why)
             return Event("server_not_serving_yet", (("server", advert.host), ("reason", reason)))
-        self._retry_at[advert.name] = self._dead_until[advert.name] = now + self.dead_hold
+        self._retry_at[advert.name] = now + self.dead_hold
+        if reason not in ANSWERED:  # nothing answered: maybe a dead node in Avahi's cache
+            self._dead_until[advert.name] = now + self.dead_hold
+        self.failed = Waiting(advert, now, why)
         return Event("wire_proof_failed", (("server", advert.host), ("reason", reason)))
 
     def counts(self, advert: NodeAdvert) -> bool:
@@ -120,7 +134,7 @@ class Joins:
 
     def cluster_known(self, view: View, now: float) -> bool:
         """An advert that says a cluster exists, listed or held, starting ones included, unless
-        it claimed to serve and failed its proof (a dead server in Avahi's cache)."""
+        it claimed to serve and nothing answered its proof (a dead server in Avahi's cache)."""
         return any(
             a.cluster_side and self.counts(a) and self._dead_until.get(a.name, 0.0) <= now
             for a in view.adverts(now)

@@ -65,6 +65,36 @@ class ProofResult:
     evidence: str | None  # the handshake capture's summary, when capture was asked for
 
 
+# What an operator reads in STATUS for a failed proof, first match wins: (a reason or None for
+# any, words of the detail or "" for any, the cause and where to look).
+_CAUSES: tuple[tuple[RefusalReason | None, str, str], ...] = (
+    (None, "certificate is not yet valid", "certificate not yet valid: this node's clock is "
+     "behind (a Pi has no RTC battery: check timedatectl and NTP)"),
+    (None, "certificate has expired", "certificate expired: this node's clock is ahead, or the "
+     "server's certificate is old"),
+    (RefusalReason.CA_MISMATCH, "", "CA mismatch: it serves another CA than the join token names"),
+    (RefusalReason.UNREACHABLE, "timed out", "timeout: no answer on 6443"),
+    (RefusalReason.UNREACHABLE, "refused", "refused: nothing listens on 6443 yet"),
+    (RefusalReason.UNREACHABLE, "", "unreachable: {detail}"),
+    (None, "timed out", "timeout: 6443 accepted the connection but did not finish the proof"),
+    (RefusalReason.BAD_CACERTS, "", "bad /cacerts: {detail}"),
+    (RefusalReason.VERIFY_FAILED, "", "its certificate does not verify against its own CA: "
+     "{detail}"),
+    (None, "", "TLS failed: {detail}"),
+)  # fmt: skip
+
+
+def explain(reason: RefusalReason | None, detail: str) -> str:
+    """The cause of a failed proof, as STATUS says it ("passed" when it did not fail)."""
+    if reason is None:
+        return "passed"
+    lowered = detail.lower()
+    for when, words, cause in _CAUSES:
+        if when in (None, reason) and words in lowered:
+            return cause.format(detail=detail)
+    raise AssertionError("the last cause matches everything")
+
+
 # --- address choice (pure) ----------------------------------------------------------------------
 
 

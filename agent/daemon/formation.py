@@ -31,7 +31,7 @@ from agent.cluster.election import (
     RunRound,
 )
 from agent.cluster.peers import Change, PeerTable
-from agent.cluster.probe import RefusalReason, choose_address, wire_proof
+from agent.cluster.probe import RefusalReason, choose_address, explain, wire_proof
 from agent.cluster.view import NodeAdvert, to_node_adverts
 from agent.config import Settings
 from agent.daemon import ballot, local
@@ -341,16 +341,20 @@ class FormationRunner:
                 break
         ok = result is not None and result.ok
         reason = result.reason.value if result is not None and result.reason else "no_address"
+        why = explain(result.reason, result.detail) if result is not None else (
+            "no address to dial in its advert")
         if result is not None:
             self._metrics.wire_proof(result.ms_elapsed / 1000)
         if reason == RefusalReason.CA_MISMATCH:
             self._metrics.join_refused(reason)
         if ok and result is not None:
             self._proven[advert.name] = result.address
-        event = self.machine.proof_done(time.monotonic(), advert, ok, "" if ok else reason)
+        event = self.machine.proof_done(time.monotonic(), advert, ok, "" if ok else reason, why)
         fields = dict(event.fields)
         if result is not None:
             fields |= {"ms_elapsed": round(result.ms_elapsed), "evidence": result.evidence}
+            if not ok:
+                fields["detail"] = result.detail
         quiet = event.name == "server_not_serving_yet"
         level: Level = "info" if ok else "debug" if quiet else "warning"
         self._log.event(event.name, level, **fields)

@@ -783,3 +783,34 @@ def test_an_agent_only_node_never_stands_nor_votes_and_joins_as_an_agent_in_any_
     lan.serving.add("s.local")
     lan.run(70.0, stop=lambda f: f.released)
     assert f.released == Release("join-agent", server)
+
+
+def _failing(f: Formation, live: list[NodeAdvert], reason: str, why: str, until: float) -> bool:
+    """Step F to UNTIL with every proof failing for REASON (WHY); whether it released."""
+    t = 0.0
+    while t <= until and f.released is None:
+        for action in f.step(t):
+            if isinstance(action, RunRound):
+                f.round_done(t, list(live))
+            elif isinstance(action, Advertise):
+                f.published(t, action.role)
+            elif isinstance(action, Prove):
+                f.proof_done(t, action.advert, ok=False, reason=reason, why=why)
+        t += 0.25
+    return f.released is not None
+
+
+def test_a_server_that_answers_but_fails_its_proof_still_blocks_bootstrap_and_says_why() -> None:
+    # This node's clock is behind: the live cluster's certificate is "not yet valid" here. The
+    # server is alive (it answered TLS), so its cluster exists: no bootstrap next to it.
+    server = _ad("s.local", Role.SERVER, "1", ca="c" * 64)
+    f = _node(servers=1)
+    f.advert_seen(0.0, server)
+    why = "certificate not yet valid: this node's clock is behind (...)"
+    assert not _failing(f, [server], "verify_failed", why, 30.0)
+    assert f.status.endswith(f"; s.local refused: {why}"), f.status
+    # A dead one (nothing answered) does not block: the lone node forms alone.
+    g = _node(servers=1)
+    g.advert_seen(0.0, server)
+    assert _failing(g, [], "unreachable", "timeout: no answer on 6443", 30.0)
+    assert g.released == Release("single")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agent.cluster.capture import HandshakePacket, summarize_handshake
 from agent.cluster.httpresponse import HttpResponse, ResponseError, parse_response
-from agent.cluster.probe import RefusalReason, choose_address, wire_proof
+from agent.cluster.probe import RefusalReason, choose_address, explain, wire_proof
 
 # --- choose_address -----------------------------------------------------------------------------
 
@@ -303,3 +303,25 @@ def test_an_address_that_cannot_be_dialled_is_refused_without_io(address: str) -
     assert result.address == address and result.port == 6443
     assert result.ms_elapsed < 50
     assert result.ca_sha256 is None and result.evidence is None
+
+
+@pytest.mark.parametrize(("reason", "detail", "cause"), [
+    (RefusalReason.VERIFY_FAILED, "verified tls handshake: certificate verify failed: "
+     "certificate is not yet valid", "certificate not yet valid: this node's clock is behind"),
+    (RefusalReason.VERIFY_FAILED, "verified tls handshake: certificate verify failed: "
+     "certificate has expired", "certificate expired: this node's clock is ahead"),
+    (RefusalReason.CA_MISMATCH, "/cacerts does not hash to the token's CA", "CA mismatch"),
+    (RefusalReason.UNREACHABLE, "tcp connect: Connection refused", "refused: nothing listens"),
+    (RefusalReason.UNREACHABLE, "tcp connect: timed out", "timeout: no answer on 6443"),
+    (RefusalReason.UNREACHABLE, "tcp connect: No route to host", "unreachable: tcp connect: No"),
+    (RefusalReason.TLS, "tls handshake: timed out", "timeout: 6443 accepted the connection"),
+    (RefusalReason.TLS, "tls handshake: WRONG_VERSION_NUMBER", "TLS failed: tls handshake"),
+    (RefusalReason.BAD_CACERTS, "GET /cacerts: HTTP status 404", "bad /cacerts: GET /cacerts"),
+    (RefusalReason.VERIFY_FAILED, "verified tls handshake: certificate verify failed: "
+     "unable to get local issuer certificate", "its certificate does not verify against its"),
+])  # fmt: skip
+def test_a_failed_proof_is_explained_by_its_cause(
+    reason: RefusalReason, detail: str, cause: str
+) -> None:
+    assert explain(reason, detail).startswith(cause)
+    assert explain(None, "") == "passed"

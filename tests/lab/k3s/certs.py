@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .const import CA_DAYS, LEAF_DAYS
+from .const import CA_DAYS, CLOCK_AHEAD_ENV, LEAF_DAYS, seconds_from_env
 from .events import Refused
 
 CA_USAGE = x509.KeyUsage(
@@ -36,9 +36,14 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _now() -> float:
+    """This node's wall clock (K3S_STANDIN_CLOCK_AHEAD s ahead of the host's)."""
+    return time.time() + seconds_from_env(CLOCK_AHEAD_ENV, 0.0)
+
+
 def new_ca(now: float | None = None) -> tuple[bytes, bytes]:
     """A self-signed EC P-256 cluster CA as k3s makes one: (certificate PEM, key PEM)."""
-    stamp = int(time.time() if now is None else now)
+    stamp = int(_now() if now is None else now)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"k3s-server-ca@{stamp}")])
     start = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
@@ -77,7 +82,7 @@ def issue(
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organization:
         attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.fromtimestamp(_now(), datetime.UTC)
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (
         x509.CertificateBuilder()

@@ -67,6 +67,9 @@ HANDSHAKE_TIMEOUT = 5.0  # s for a TLS handshake (ours)
 BODY_MAX = 64 * 1024  # bytes of a request or response body
 CA_DAYS = 3650  # k3s's self-signed CA lives 10 years
 LEAF_DAYS = 365  # k3s's leaf certificates live one year
+# s this node's clock runs ahead of the others' (0: none): its certificates start in their
+# future, as a joiner whose clock is behind (a Pi without an RTC battery before NTP) sees them.
+CLOCK_AHEAD_ENV = "K3S_STANDIN_CLOCK_AHEAD"
 
 
 def seconds_from_env(name: str, default: float) -> float:
