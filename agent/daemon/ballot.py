@@ -10,6 +10,7 @@ shows them. `wipe` removes the file: the node then starts afresh with a new key.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from agent import const
 _KEY = re.compile(r"[0-9a-f]{16}")
 _MODES = ("", "member", "cluster-init", "single", "join-server", "join-agent")
 _MAX_BYTES = 4096
+_JOINED = re.compile(r"[^/\s]{1,63}/[^/\s]{1,16}/[0-9]{1,3}")
+_FIELDS = {"key", "bound", "bound_host", "released", "joined", "address"}
 
 
 class BallotError(Exception):
@@ -36,6 +39,8 @@ class Ballot:
     bound: str = ""
     bound_host: str = ""
     released: str = ""
+    joined: str = ""  # "<cluster>/<env>/<servers>" it released under ("" before it did)
+    address: str = ""  # its mDNS interface's address when it released (etcd peers know it)
 
     @classmethod
     def new(cls) -> Ballot:
@@ -60,13 +65,17 @@ def load(root: Path) -> Ballot | None:
         if len(data) > _MAX_BYTES:
             raise ValueError(f"over {_MAX_BYTES} bytes")
         raw = json.loads(data)
-        if not isinstance(raw, dict) or set(raw) - {"key", "bound", "bound_host", "released"}:
+        if not isinstance(raw, dict) or set(raw) - _FIELDS:
             raise ValueError("not the ballot's fields")
         ballot = Ballot(**{k: str(v) for k, v in raw.items()})
         if not _KEY.fullmatch(ballot.key) or (ballot.bound and not _KEY.fullmatch(ballot.bound)):
             raise ValueError("a key is not 16 hex digits")
         if ballot.released not in _MODES:
             raise ValueError(f"unknown release mode {ballot.released[:20]!r}")
+        if ballot.joined and not _JOINED.fullmatch(ballot.joined):
+            raise ValueError("`joined` is not <cluster>/<env>/<servers>")
+        if ballot.address:
+            ipaddress.ip_address(ballot.address.partition("%")[0])
     except (ValueError, TypeError) as err:
         raise BallotError(
             f"{file} is damaged ({err}); this node will not stand, vote or bind until it is "

@@ -112,6 +112,7 @@ class FormationRunner:
         self._started = time.monotonic()
         self._wake = asyncio.Event()
         self._names: dict[str, Role] = {}  # instance names we published -> their role
+        self._mismatched: dict[str, str] = {}  # peer host -> the other servers= it advertises
         self._proven: dict[str, str] = {}  # server instance name -> the address that passed
         self._tasks: set[asyncio.Task[None]] = set()
         self._wiped = False
@@ -271,6 +272,7 @@ class FormationRunner:
             ip4=self._iface.ip4, ip6=self._iface.ip6, key=self.machine.key, ca=action.ca,
             vote=action.vote, admit=action.admit,
             members=str(action.members) if action.members else "",
+            servers=str(self._settings.servers),
         )
         name = instance_name(
             self._settings.cluster, self._settings.env, self._hostname, action.role
@@ -394,11 +396,28 @@ class FormationRunner:
                     node_labels=(f"sugarkube.io/cluster={self._settings.cluster}",),
                 ),
             )
-        if release.mode not in ("member", self._ballot.released):
+        fresh = release.mode != "member"
+        record = dataclasses.replace(
+            self._ballot,
+            released=release.mode if fresh else self._ballot.released,
+            # What it joined under (checked at every start: local.settings_refusal), and where
+            # etcd's peers know it; a member released before these were kept records them now.
+            joined=self._ballot.joined if self._ballot.joined and not fresh
+            else local.joined_under(self._settings),
+            address=self._ballot.address if self._ballot.address and not fresh
+            else self._iface.ip4 or self._iface.ip6,
+        )
+        if record != self._ballot and not (self.machine.ineligible and not fresh):
             # Released on disk: after a reboot this node is a member even if k3s never ran
-            # (a join cut short and made again as an agent is an agent from then on).
-            self._ballot = dataclasses.replace(self._ballot, released=release.mode)
-            ballot.save(self._root, self._ballot)
+            # (a join cut short and made again as an agent is an agent from then on). A
+            # member's record is worth a line, never its release (nor a damaged ballot's file).
+            try:
+                ballot.save(self._root, record)
+                self._ballot = record
+            except ballot.BallotError as err:
+                if fresh:
+                    raise
+                self._log.event("ballot_not_saved", "warning", error=str(err))
         marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
         with contextlib.suppress(OSError):
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -464,6 +483,13 @@ class FormationRunner:
         if change.kind == "ignored":
             return
         a = peer.advert
+        if a.servers and int(a.servers) != self._settings.servers:
+            if self._mismatched.get(a.host) != a.servers:
+                self._log.event("settings_mismatch", "warning", peer=a.host,
+                                peer_servers=a.servers, servers=self._settings.servers)  # fmt: skip
+            self._mismatched[a.host] = a.servers
+        else:
+            self._mismatched.pop(a.host, None)
         self.machine.advert_seen(now, NodeAdvert(
             change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote,
             a.admit, int(a.members or 0),
@@ -487,7 +513,10 @@ class FormationRunner:
             status = "avahi-daemon unavailable, retrying"
         if not self._link_up:
             status = f"link down on {self._iface.name}: waiting for the network"
-        status += self._status_note
+        status += self._status_note + self._moved_note() + "".join(
+            f"; {host} runs with servers={n}, this node {self._settings.servers}: set "
+            "SUGARKUBE_SERVERS alike on every node" for host, n in sorted(self._mismatched.items())
+        )
         new = (m.phase.value, status, role, peers, avahi)
         if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:
             self._metrics.phase(m.phase.value)
@@ -500,6 +529,19 @@ class FormationRunner:
             await self._state.update(
                 phase=m.phase.value, status=status, role=role, peers=peers, avahi=avahi
             )
+
+    def _moved_note(self) -> str:
+        """A server whose address is not the one it joined with: etcd's peers dial the old one
+        (home DHCP after a power cut hands out another lease)."""
+        joined_at = self._ballot.address
+        if not joined_at or self.machine.member == Role.AGENT or joined_at in (
+            self._iface.ip4, self._iface.ip6
+        ) or self._advertised_role() == Role.AGENT.value:
+            return ""
+        return (
+            "; this node's address changed since it joined: etcd's peers know it by the old "
+            "one (give it a fixed DHCP lease, or wipe and join it again)"
+        )
 
     def _advertised_role(self) -> str:
         return self._names[self._publisher.name].value if self._publisher.name in self._names else (

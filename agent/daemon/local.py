@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent import __version__, const
 from agent.cluster import k3s
-from agent.config import DEFAULT_METRICS_HOST
+from agent.config import DEFAULT_METRICS_HOST, ConfigError, Settings, load_settings
 from agent.daemon import ballot
 from agent.daemon.control import ControlServer, DaemonState
 from agent.daemon.metrics import Metrics, MetricsError, serve_metrics
@@ -53,6 +53,51 @@ def held_role(root: Path, released: str | None = None) -> Role | None:
     if held == k3s.Membership.SERVER or mode:
         return Role.SERVER
     return None
+
+
+def joined_under(settings: Settings) -> str:
+    """The settings a node releases under, as the ballot records them (`joined`)."""
+    return f"{settings.cluster}/{settings.env}/{settings.servers}"
+
+
+def settings_refusal(root: Path, settings: Settings) -> str:
+    """Why this member must not run with `settings` ("" when it may): it joined its cluster
+    under another cluster, env or servers, and would advertise its old state under a new
+    service type (or count slots by another number)."""
+    try:
+        stored = ballot.load(root)
+    except ballot.BallotError:
+        return ""  # the runner says so; k3s's files still say it is a member
+    if stored is None or not stored.joined or stored.joined == joined_under(settings):
+        return ""
+    was, now = (_show_joined(j) for j in (stored.joined, joined_under(settings)))
+    return (
+        f"this node joined {was}, the configuration says {now}: restore it and `systemctl "
+        "reload sugarkube-agent`, or move the node with `sugarkube-agent wipe --yes`"
+    )
+
+
+def _show_joined(joined: str) -> str:
+    cluster, env, servers = joined.split("/")
+    return f"cluster={cluster} env={env} servers={servers}"
+
+
+async def reloaded(config_path: Path | None, hup: asyncio.Event, log: EventLog) -> Settings:
+    """The settings of the first SIGHUP whose configuration loads and suits this member."""
+    while True:
+        await hup.wait()
+        hup.clear()
+        try:
+            settings = load_settings(config_path)
+        except ConfigError as err:
+            log.event("config_reload_failed", "error", error=str(err), kept="local state")
+            continue
+        refusal = await asyncio.to_thread(settings_refusal, Path("/"), settings)
+        if refusal:
+            log.event("config_reload_failed", "error", error=refusal, kept="local state")
+            continue
+        log.event("config_reloaded", changed="all")
+        return settings
 
 
 async def hold_released(

@@ -79,7 +79,22 @@ class Daemon:
 
     async def _startup(self) -> int | None:
         """Open every resource; an exit code when one cannot be had."""
-        settings, log = self.settings, self.log
+        log = self.log
+        refusal = await asyncio.to_thread(local.settings_refusal, Path("/"), self.settings)
+        if refusal:  # a member configured for another cluster: its k3s runs, nothing else
+            role = await asyncio.to_thread(local.held_role, Path("/"))
+            assert role is not None  # a ballot with `joined` released
+            log.event("settings_refused", "error", reason=refusal)
+            fixed = asyncio.ensure_future(local.reloaded(self.config_path, self.hup, log))
+            listen = self.settings.metrics
+            await local.hold_released(
+                role, "config", refusal, log=log, notifier=self.notifier,
+                until=_first(fixed, self.stop.wait()), metrics_at=(listen.host, listen.port),
+            )
+            if not fixed.done() or fixed.cancelled():
+                return const.EXIT_OK  # SIGTERM while refusing
+            self.settings = fixed.result()
+        settings = self.settings
         try:
             self.iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
         except InterfaceError as err:
@@ -353,27 +368,16 @@ async def serve_unconfigured(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hup.set)
-    settings: Settings | None = None
-
-    async def reloaded() -> None:
-        nonlocal settings
-        while settings is None:
-            await hup.wait()
-            hup.clear()
-            try:
-                settings = load_settings(config_path)
-            except ConfigError as err:
-                log.event("config_reload_failed", "error", error=str(err), kept="local state")
-        log.event("config_reloaded", changed="all")
-
     notifier = Notifier(on_error=lambda line: log.event("notify_failed", "warning", error=line))
     reason = f"{error}; fix it, then `systemctl reload sugarkube-agent`"
+    fixed = asyncio.ensure_future(local.reloaded(config_path, hup, log))
     await local.hold_released(
-        role, "config", reason, log=log, notifier=notifier, until=_first(reloaded(), stop.wait())
+        role, "config", reason, log=log, notifier=notifier, until=_first(fixed, stop.wait())
     )
-    if settings is None:
+    if not fixed.done() or fixed.cancelled():
         log.event("stopped")
         return const.EXIT_OK
+    settings = fixed.result()
     return await Daemon(settings, make_log(settings), config_path).serve()
 
 

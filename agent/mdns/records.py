@@ -62,6 +62,7 @@ class Advert:
     vote: str = ""  # the election key this node votes for, or is bound to (agent/cluster/)
     admit: str = ""  # a serving server: the key of the fresh node it admits to join as a server
     members: str = ""  # a serving server: etcd's members (voters and learners), "" unknown
+    servers: str = ""  # the SUGARKUBE_SERVERS this node runs with ("" from older agents)
     v: int = SCHEMA_VERSION
 
 
@@ -101,7 +102,7 @@ _REQUIRED = ("cluster", "env", "role")
 # DESIGN.md §A: the bash scripts' keys, then ours from v on.
 _TXT_ORDER = (
     "k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca",
-    "vote", "admit", "members",
+    "vote", "admit", "members", "servers",
 )
 
 
@@ -204,7 +205,7 @@ def _version_value(text: str) -> str:
 
 
 def _count_value(text: str) -> str:
-    """A small count (etcd's members), "" for unknown."""
+    """A small count (etcd's members, servers), "" for unknown."""
     if text and not _COUNT.fullmatch(text):
         raise ValueError("not a count of 1-3 digits")
     return str(int(text)) if text else ""
@@ -222,7 +223,7 @@ def _ca_value(text: str) -> str:
 _FIELD_RULES: dict[str, Callable[[str], str]] = {
     "cluster": str.lower, "env": str.lower, "role": str.lower,
     "host": _host_value, "leader": _host_value, "ip4": _ip_value(4), "ip6": _ip_value(6),
-    "v": _version_value, "ca": _ca_value, "members": _count_value,
+    "v": _version_value, "ca": _ca_value, "members": _count_value, "servers": _count_value,
 }
 _FALLBACK = {"v": str(SCHEMA_VERSION)}  # what a dropped value reads as; "" otherwise
 
@@ -303,7 +304,8 @@ def parse_advert(items: Iterable[bytes]) -> Advert:
         host=values.get("host", ""), leader=values.get("leader", ""), ip4=values.get("ip4", ""),
         ip6=values.get("ip6", ""), key=values.get("key", ""), ca=values.get("ca", ""),
         vote=values.get("vote", ""), admit=values.get("admit", ""),
-        members=values.get("members", ""), v=int(values.get("v", SCHEMA_VERSION)),
+        members=values.get("members", ""), servers=values.get("servers", ""),
+        v=int(values.get("v", SCHEMA_VERSION)),
     )
 
 
@@ -319,7 +321,7 @@ def _canonical(advert: Advert) -> Advert:
     return replace(
         advert, cluster=norm("cluster"), env=norm("env"), host=norm("host"),
         leader=norm("leader"), ip4=norm("ip4"), ip6=norm("ip6"), ca=norm("ca"),
-        members=norm("members"),
+        members=norm("members"), servers=norm("servers"),
     )
 
 

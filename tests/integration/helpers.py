@@ -54,7 +54,7 @@ class Agent:
         self.started_at = time.monotonic()
         self.proc = node.spawn(
             PYTHON, "-m", "agent", *(args or ("run",)), log=log,
-            env=node_env(SUGARKUBE_CLUSTER="sugar", SUGARKUBE_ENV="dev", **(env or {})),
+            env=node_env(**{"SUGARKUBE_CLUSTER": "sugar", "SUGARKUBE_ENV": "dev", **(env or {})}),
         )
 
     def text(self) -> str:

@@ -71,4 +71,21 @@ def test_an_unwritable_state_dir_is_an_error_not_a_traceback(tmp_path: Path) -> 
 def test_the_file_is_json_an_operator_can_read(tmp_path: Path) -> None:
     ballot.save(tmp_path, Ballot("00112233445566aa"))
     raw = json.loads((tmp_path / str(const.BALLOT_FILE).lstrip("/")).read_text())
-    assert raw == {"key": "00112233445566aa", "bound": "", "bound_host": "", "released": ""}
+    assert raw == {"key": "00112233445566aa", "bound": "", "bound_host": "", "released": "",
+                   "joined": "", "address": ""}  # fmt: skip
+
+
+def test_what_a_member_joined_under_round_trips_and_a_damaged_record_is_refused(
+    tmp_path: Path,
+) -> None:
+    record = Ballot("00112233445566aa", released="join-server", joined="sugar/dev/3",
+                    address="fe80::1%eth0")  # fmt: skip
+    ballot.save(tmp_path, record)
+    assert ballot.load(tmp_path) == record
+    file = tmp_path / str(const.BALLOT_FILE).lstrip("/")
+    for field, bad in (("joined", "sugar/dev"), ("address", "not-an-ip")):
+        raw = json.loads(file.read_text())
+        raw[field] = bad
+        file.write_text(json.dumps(raw))
+        with pytest.raises(BallotError, match="damaged"):
+            ballot.load(tmp_path)

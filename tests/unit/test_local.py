@@ -59,3 +59,24 @@ def test_this_boots_marker_counts_and_a_damaged_ballot_leaves_k3s_to_decide(
     assert held_role(tmp_path) == Role.AGENT
     (tmp_path / str(const.GATE_RELEASED_MARKER).lstrip("/")).unlink()
     assert held_role(tmp_path) is None
+
+
+def test_a_member_that_joined_under_other_settings_is_refused_with_both_named(
+    tmp_path: Path,
+) -> None:
+    from agent.config import load_settings
+    from agent.daemon.local import settings_refusal
+
+    settings = load_settings(None, {"SUGARKUBE_ENV": "prod"}, root=tmp_path)
+    assert settings_refusal(tmp_path, settings) == ""  # fresh: nothing joined
+    ballot.save(tmp_path, dataclasses.replace(ballot.Ballot.new(), released="join-server"))
+    assert settings_refusal(tmp_path, settings) == ""  # released before this was recorded
+    ballot.save(tmp_path, dataclasses.replace(
+        ballot.Ballot.new(), released="join-server", joined="sugar/dev/3"))
+    refusal = settings_refusal(tmp_path, settings)
+    assert refusal.startswith(
+        "this node joined cluster=sugar env=dev servers=3, the configuration says cluster=sugar "
+        "env=prod servers=3"), refusal
+    assert "wipe --yes" in refusal
+    same = load_settings(None, {"SUGARKUBE_ENV": "dev"}, root=tmp_path)
+    assert settings_refusal(tmp_path, same) == ""

@@ -71,6 +71,7 @@ adverts = st.builds(
     vote=values,
     admit=values,
     members=st.one_of(st.just(""), st.integers(0, 999).map(str)),
+    servers=st.one_of(st.just(""), st.integers(0, 999).map(str)),
     ca=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
     v=st.integers(min_value=1, max_value=999_999_999),
 )
@@ -93,13 +94,13 @@ def test_golden_layout() -> None:
     node = Advert(
         cluster="sugar", env="dev", role=Role.BOOTSTRAP, phase="electing", host="node1.local",
         leader="node2.local", ip4="192.168.50.11", ip6="fe80::1%eth0", key="0042-ab", ca=CA,
-        vote="0011-aa", admit="0077-cc", members="3",
+        vote="0011-aa", admit="0077-cc", members="3", servers="3",
     )
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=bootstrap", b"phase=electing",
         b"leader=node2.local", b"host=node1.local", b"ip4=192.168.50.11", b"ip6=fe80::1%eth0",
         b"v=1", b"key=0042-ab", b"ca=" + CA.encode(), b"vote=0011-aa",
-        b"admit=0077-cc", b"members=3",
+        b"admit=0077-cc", b"members=3", b"servers=3",
     ]
 
 
@@ -108,7 +109,7 @@ def test_empty_values_keep_their_equals_sign() -> None:
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=candidate", b"phase=", b"leader=",
         b"host=", b"ip4=", b"ip6=", b"v=1", b"key=", b"ca=", b"vote=",
-        b"admit=", b"members=",
+        b"admit=", b"members=", b"servers=",
     ]
 
 
