@@ -1,0 +1,189 @@
+"""What k3s-killall.sh does, for `wipe`: k3s stopped with everything it left running or mounted.
+
+`systemctl stop k3s` stops k3s itself, but its unit has KillMode=process: the containerd shims
+and the containers under them keep running, the CNI links stay up and the kubelet's mounts stay
+mounted (a later `rm` of the state then fails on them). k3s's own k3s-killall.sh (written by
+install.sh) does, in this order, and so do we:
+
+1. stop the k3s units;
+2. kill the process tree of every containerd shim k3s started (its argv[0] is
+   `.../k3s/data/<hash>/bin/containerd-shim...`), SIGKILL as killtree does;
+3. unmount, deepest first, what is mounted under /run/k3s, /var/lib/kubelet/pods,
+   /var/lib/kubelet/plugins, /run/netns/cni-* and below /var/lib/rancher/k3s (the state's own
+   mount point, an operator's disk, stays mounted: `wipe` empties it), each with `umount -f`, then
+   remove the emptied mount point;
+4. delete the links: every veth enslaved to cni0, then cni0, flannel.1, flannel-v6.1, kube-ipvs0,
+   flannel-wg, flannel-wg-v6; and remove /var/lib/cni (IP allocations of the deleted pods).
+
+Not done: k3s-killall.sh also filters KUBE-/CNI-/flannel rules out of iptables; kube-proxy in
+nftables mode keeps its own tables, which it rebuilds when k3s starts again.
+Links are deleted over rtnetlink with agent/daemon/rtnl.py (the daemon's own, no pyroute2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from agent import const
+from agent.cluster import k3s
+
+UNITS = ("k3s.service", "k3s-agent.service")
+LINKS = ("cni0", "flannel.1", "flannel-v6.1", "kube-ipvs0", "flannel-wg", "flannel-wg-v6")
+BRIDGE = "cni0"
+MOUNT_PREFIXES = ("run/k3s", "var/lib/kubelet/pods", "var/lib/kubelet/plugins")
+NETNS_PREFIX = "run/netns/cni-"
+CNI_STATE = "var/lib/cni"
+# k3s-killall.sh's getshims: `grep -w 'k3s/data/[^/]*/bin/containerd-shim'` on the args.
+_SHIM = re.compile(r"(^|/)k3s/data/[^/]+/bin/containerd-shim")
+
+Umount = Callable[[Path], None]
+
+
+class KillallError(Exception):
+    """One step of the killall work failed; the message names what is left."""
+
+
+def stop_units() -> str:
+    """`systemctl stop` the k3s units; what was done, one line."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None or not Path("/run/systemd/system").is_dir():
+        return "k3s: no units to stop (systemd is not running here)"
+    try:
+        done = subprocess.run(
+            [systemctl, "stop", *UNITS], capture_output=True, text=True,
+            timeout=const.WIPE_STOP_TIMEOUT, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        raise KillallError(
+            f"systemctl stop {' '.join(UNITS)} did not finish in {const.WIPE_STOP_TIMEOUT:g} s"
+        ) from exc
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise KillallError(f"systemctl stop {' '.join(UNITS)} failed: {last}")
+    return "k3s: units stopped"
+
+
+def shim_trees(proc: Path = Path("/proc")) -> list[int]:
+    """PIDs of every containerd shim of k3s and of all their descendants, parents first."""
+    parent: dict[int, int] = {}
+    shims = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (entry / "stat").read_text()
+            parent[pid] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+            if _SHIM.search(argv0):
+                shims.append(pid)
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    found: list[int] = []
+    todo = sorted(shims)
+    while todo:
+        pid = todo.pop(0)
+        if pid not in found:
+            found.append(pid)
+            todo += sorted(children.get(pid, []))
+    return found
+
+
+def kill_shims(proc: Path = Path("/proc")) -> str:
+    """SIGKILL the shims' trees (killtree); what was done, one line."""
+    pids = shim_trees(proc)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return f"containers: killed {len(pids)} processes of containerd shims" if pids else (
+        "containers: none running"
+    )
+
+
+def k3s_mounts(root: Path) -> list[Path]:
+    """What k3s-killall.sh unmounts, deepest first (the state's own mount point excluded)."""
+    state = root / k3s.K3S_STATE
+    points = []
+    for point in k3s.mount_points(root):
+        inside = point.relative_to(root).as_posix() if point.is_relative_to(root) else ""
+        if (
+            any(inside == p or inside.startswith(p + "/") for p in MOUNT_PREFIXES)
+            or inside.startswith(NETNS_PREFIX)
+            or (point != state and point.is_relative_to(state))
+        ):
+            points.append(point)
+    return sorted(set(points), key=lambda p: (len(p.parts), str(p)), reverse=True)
+
+
+def umount(point: Path) -> None:
+    """util-linux `umount -f`, as k3s-killall.sh runs it; KillallError with umount's words."""
+    try:
+        done = subprocess.run(
+            ["umount", "-f", str(point)], capture_output=True, text=True,
+            timeout=const.WIPE_UMOUNT_TIMEOUT, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KillallError(f"cannot unmount {point}: {exc}") from exc
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise KillallError(f"cannot unmount {point}: {last}")
+
+
+def unmount_all(root: Path, run: Umount = umount) -> str:
+    """Unmount k3s's and the kubelet's mounts and remove the mount points; one line."""
+    points = k3s_mounts(root)
+    for point in points:
+        run(point)
+        with contextlib.suppress(OSError):  # busy or not empty: the state removal reports it
+            if point.is_dir() and not point.is_symlink():
+                point.rmdir()
+            else:
+                point.unlink()
+    return f"mounts: unmounted {len(points)}" if points else "mounts: none of k3s's"
+
+
+def delete_links(root: Path = Path("/")) -> str:
+    """Delete cni0's veths, then the CNI links; remove /var/lib/cni; one line."""
+    from agent.daemon.rtnl import IPRoute, NetlinkError  # lazy: only wipe needs netlink
+
+    deleted = []
+    try:
+        with IPRoute() as ipr:
+            links = {m.get_attr("IFLA_IFNAME"): m for m in ipr.get_all_links()}
+            bridge = links.get(BRIDGE)
+            veths = [
+                name for name, m in sorted(links.items())
+                if bridge is not None and m.get_attr("IFLA_MASTER") == bridge["index"]
+            ]
+            for name in [*veths, *LINKS]:
+                if name in links:
+                    try:
+                        ipr.link_del(links[name]["index"])
+                    except NetlinkError as exc:
+                        if exc.code != errno.ENODEV:  # gone meanwhile (with its veth peer)
+                            raise
+                    deleted.append(name)
+    except OSError as exc:
+        done = f" (deleted {', '.join(deleted)})" if deleted else ""
+        raise KillallError(f"cannot delete the CNI links{done}: {exc.strerror or exc}") from exc
+    cni = root / CNI_STATE
+    try:
+        for child in sorted(cni.iterdir()) if cni.is_dir() else []:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    except OSError as exc:
+        raise KillallError(f"cannot remove {cni}: {exc.strerror}") from exc
+    with contextlib.suppress(OSError):  # a mount point (a disk of its own) stays, emptied
+        cni.rmdir()
+    return f"links: deleted {', '.join(deleted)}" if deleted else "links: none of k3s's"
