@@ -140,6 +140,10 @@ WIPE_UMOUNT_TIMEOUT = 30.0  # s for one `umount -f` of a k3s or kubelet mount
 ETCD_CLIENT_PORT = 2379  # k3s's embedded etcd: https://127.0.0.1:2379 and https://<node-ip>:2379
 ETCD_TIMEOUT = 10.0  # s per request to etcd, k3s's etcd testTimeout (pkg/etcd, v1.22)
 ETCD_ANSWER_MAX = 1 << 20  # bytes of an etcd JSON-gateway answer read at most
+ETCD_UNHEALTHY_RETRY = 15.0  # s to retry a removal etcd refuses as "unhealthy cluster": its
+#   strict reconfig check wants every voter connected to the leader for 5 s (etcdserver
+#   HealthInterval), so a member promoted or restarted just now defers it; k3s retries too
+ETCD_RETRY_EVERY = 1.0  # s between those tries
 
 # --- Live rounds on the wire (agent/mdns/wire.py; DESIGN.md §A "Double-absence gate") ---
 # Avahi 0.8 (avahi-core/response-sched.c) multicasts a shared record such as the PTR 20 ms plus

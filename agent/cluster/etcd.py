@@ -14,8 +14,11 @@ etcd member for the same node name is refused ("duplicate node name"). So `leave
 k3s still runs, asks a member for the list, and has another voter remove ours and confirm it
 is gone (the member removed stops its own etcd and could confirm nothing). With no other voter
 there is nothing to leave: the cluster ends with this node. What it will not do: remove a member
-while the others cannot confirm it (etcd's strict reconfiguration check refuses when the
-removal would leave too few started members; that refusal is reported as it is).
+etcd refuses to remove. etcd's strict reconfiguration check refuses ("unhealthy cluster") while
+any voter has been connected to the leader for less than 5 s, a member promoted or restarted
+just now (measured in the lab: a wipe right after the third server's promotion); that is retried
+for 15 s. It refuses for good when the removal would leave too few started members; that
+refusal is reported as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,9 +232,20 @@ def leave(root: Path, timeout: float = const.ETCD_TIMEOUT) -> str:
 
 
 def _remove(client: Client, member_id: int) -> None:
-    """MemberRemove; a member already gone (k3s's controller was quicker) is removed too."""
-    try:
-        client.remove(member_id)
-    except EtcdError as exc:
-        if "member not found" not in str(exc):
-            raise
+    """MemberRemove; a member already gone (k3s's controller was quicker) is removed too.
+
+    Retried while etcd answers "unhealthy cluster" (a voter connected less than 5 s ago), for
+    ETCD_UNHEALTHY_RETRY s; then that refusal is the answer.
+    """
+    deadline = time.monotonic() + const.ETCD_UNHEALTHY_RETRY
+    while True:
+        try:
+            client.remove(member_id)
+        except EtcdError as exc:
+            if "member not found" in str(exc):
+                return
+            if "unhealthy cluster" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(const.ETCD_RETRY_EVERY)
+        else:
+            return

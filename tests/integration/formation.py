@@ -33,8 +33,11 @@ UNIT_STARTS = 40  # the lab unit gives up after this many starts (~4 min of 5 s 
 LAB_SERVE_DELAY = 3.0  # s from the stand-in's start to listening on 6443
 LAB_LEARNER_TICK = 2.0  # s between the etcd leader's promotion attempts
 KILL_TIMEOUT = 10.0  # s for SIGKILLed processes to be gone
-ETCDCTL = ("etcdctl", "--endpoints", "http://127.0.0.1:2379", "--dial-timeout", "2s",
-           "--command-timeout", "5s")  # fmt: skip
+# etcdctl as k3s's docs run it on a server: TLS with k3s's etcd client certificate.
+_ETCD_TLS = "/var/lib/rancher/k3s/server/tls/etcd"
+ETCDCTL = ("etcdctl", "--endpoints", "https://127.0.0.1:2379", "--dial-timeout", "2s",
+           "--command-timeout", "5s", f"--cacert={_ETCD_TLS}/server-ca.crt",
+           f"--cert={_ETCD_TLS}/client.crt", f"--key={_ETCD_TLS}/client.key")  # fmt: skip
 
 
 GATED_START = (

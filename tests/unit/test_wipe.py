@@ -281,3 +281,15 @@ def test_k3s_mounts_deepest_first_and_never_the_state_mount_itself(tmp_path: Pat
 
     with pytest.raises(killall.KillallError, match="kube-api-access-x: target is busy"):
         killall.unmount_all(tmp_path, busy)
+
+
+def test_leave_retries_while_etcd_calls_the_cluster_unhealthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _etcd_node(tmp_path)
+    unhealthy = "etcdserver: unhealthy cluster"
+    cluster = FakeEtcd([_m(1, "node1-aa"), _m(2, "node2-bb")], set(), unhealthy)
+    _fake(monkeypatch, cluster)
+    monkeypatch.setattr(etcd.time, "sleep", lambda s: setattr(cluster, "refuse", ""))
+    assert "member node1-aa removed by node2-bb" in etcd.leave(tmp_path)
+    assert [what for what, _ in cluster.asked] == ["list", "remove", "remove", "list"]

@@ -1,0 +1,70 @@
+"""`wipe --yes` on a joined server of three, against real avahi, dbus and the etcd stand-in.
+
+The node leaves etcd first (another server removes its member, as k3s does for a deleted node),
+and its gate stays closed afterwards: the k3s unit, restarted as systemd restarts k3s.service,
+waits in `sugarkube-agent gate` instead of starting a standalone server from an empty config.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.formation import (
+    RESTART_SEC,
+    assert_one_cluster,
+    etcd_status,
+    form,
+    wait_formed,
+)
+from tests.integration.helpers import PYTHON, node_env, wait_for
+
+pytestmark = pytest.mark.lab
+
+
+def test_wipe_of_a_joined_server_removes_its_etcd_member_and_keeps_its_gate_closed(
+    lab_factory, tmp_path: Path
+) -> None:
+    lab = lab_factory(3)
+    pis = form(lab, tmp_path, jitter=1.0, seed=7)
+    releases = wait_formed(pis, 60)
+    assert_one_cluster(pis, 3)
+    modes = {r["mode"] for r in releases}
+    assert modes == {"cluster-init", "join-server"}, releases
+    joined = next(pi for pi in pis if pi.released() and pi.released()["mode"] == "join-server")
+    survivors = [pi for pi in pis if pi is not joined]
+    name = joined.node.name
+    starts, restarts = len(joined.k3s_events("start")), len(joined.k3s_events("restarting"))
+
+    started = time.monotonic()
+    done = joined.node.run(PYTHON, "-m", "agent", "wipe", "--yes", env=node_env(), timeout=120)
+    elapsed = time.monotonic() - started
+    print(f"wipe took {elapsed:.1f} s:\n{done.stdout}{done.stderr}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("gate: closed by the daemon"), lines
+    assert lines[1].startswith(f"etcd: left the cluster: member {name}-"), lines
+    assert "2 voting members remain" in lines[1]
+
+    # The remaining servers' etcd no longer lists it: one cluster of two voters.
+    for pi in survivors:
+        status = etcd_status(pi.node)
+        assert status is not None, pi.node.name
+        assert not [m for m in status[1] if m.rsplit("-", 1)[0] == name], status
+    assert_one_cluster(survivors, 2)
+
+    # Its gate does not release: `gate` times out naming the wipe, and the restarted k3s unit
+    # waits in its ExecStartPre rather than starting a server (sqlite) from no config.
+    gate = joined.node.run(PYTHON, "-m", "agent", "gate", "--timeout", "3", env=node_env(),
+                           timeout=20)  # fmt: skip
+    assert gate.returncode == 1, gate.stdout + gate.stderr
+    assert "wiped" in gate.stderr
+    wait_for("the k3s unit to restart (its etcd member was removed, so it exited)",
+             lambda: len(joined.k3s_events("restarting")) > restarts, RESTART_SEC + 15)  # fmt: skip
+    time.sleep(RESTART_SEC + 3)  # a start the gate let through would have logged by now
+    assert len(joined.k3s_events("start")) == starts, joined.k3s_log.read_text()[-2000:]
+    assert not joined.node.path("/var/lib/rancher/k3s").exists()
+    assert not joined.node.path("/run/sugarkube/gate-released").exists()
