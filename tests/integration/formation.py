@@ -152,6 +152,13 @@ class PiNode:
 
     boot = start
 
+    def restart_agent(self) -> None:
+        """`systemctl restart sugarkube-agent`: SIGTERM the agent and start it again (not k3s)."""
+        if self.agent is not None:
+            self.agent.stop()
+        self._agent_from = _size(self.agent_log)
+        self.agent = Agent(self.node, self.agent_log, env=self.env)
+
     def power_cut(self) -> None:
         """Pull the plug: SIGKILL the agent, the k3s unit's group (etcd too) and avahi-daemon.
 

@@ -2,7 +2,8 @@
 
 The node leaves etcd first (another server removes its member, as k3s does for a deleted node),
 and its gate stays closed afterwards: the k3s unit, restarted as systemd restarts k3s.service,
-waits in `sugarkube-agent gate` instead of starting a standalone server from an empty config.
+waits in `sugarkube-agent gate` instead of starting a standalone server from an empty config,
+until the agent is restarted and the node joins again as a new member.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def test_wipe_of_a_joined_server_removes_its_etcd_member_and_keeps_its_gate_clos
     survivors = [pi for pi in pis if pi is not joined]
     name = joined.node.name
     starts, restarts = len(joined.k3s_events("start")), len(joined.k3s_events("restarting"))
+    # As an operator finds it: a member the others see serving (a joiner wiped seconds after
+    # its join, still advertised as `joining`, is waited for by the admitting server instead).
+    watcher = survivors[0].agent
+    assert watcher is not None
+    wait_for(f"{name} advertised as a serving server", lambda: [
+        e for kind in ("peer_added", "peer_updated") for e in watcher.events(kind)
+        if e.get("name") == f"k3s-sugar-dev@{name}.local (server)" and e.get("phase") == "serving"
+    ], 30)  # fmt: skip
 
     started = time.monotonic()
     done = joined.node.run(PYTHON, "-m", "agent", "wipe", "--yes", env=node_env(), timeout=120)
@@ -70,3 +79,12 @@ def test_wipe_of_a_joined_server_removes_its_etcd_member_and_keeps_its_gate_clos
     assert lines[0].startswith("gate: closed by the daemon"), lines
     assert lines[1].startswith(f"etcd: left the cluster: member {name}-"), lines
     assert "2 voting members remain" in lines[1]
+
+    # `systemctl restart sugarkube-agent`: it forms again, fresh, and its k3s (waiting in the
+    # gate all along) joins as a new member: the old one is gone, so its node name is free.
+    joined.restart_agent()
+    restarted = time.monotonic()
+    (again,) = wait_formed([joined], 150)
+    print(f"released again {time.monotonic() - restarted:.1f} s after the agent's restart")
+    assert again["mode"] == "join-server", again
+    assert_one_cluster(pis, 3)
