@@ -51,24 +51,35 @@ class KillallError(Exception):
     """One step of the killall work failed; the message names what is left."""
 
 
-def stop_units() -> str:
-    """`systemctl stop` the k3s units; what was done, one line."""
-    systemctl = shutil.which("systemctl")
-    if systemctl is None or not Path("/run/systemd/system").is_dir():
+def stop_units(systemctl: str | None = None, booted: bool | None = None) -> str:
+    """`systemctl stop` the k3s units installed here (an agent has only k3s-agent.service, and
+    stopping a unit that is not loaded fails); what was done, one line."""
+    systemctl = systemctl or shutil.which("systemctl")
+    if booted is None:
+        booted = Path("/run/systemd/system").is_dir()
+    if systemctl is None or not booted:
         return "k3s: no units to stop (systemd is not running here)"
+    units = [u for u in UNITS if _systemctl(systemctl, "show", "-P", "LoadState", u) != "not-found"]
+    if not units:
+        return "k3s: no k3s units installed"
+    _systemctl(systemctl, "stop", *units)
+    return f"k3s: stopped {', '.join(units)}"
+
+
+def _systemctl(systemctl: str, *args: str) -> str:
+    """Run systemctl; its stdout, or KillallError with its last line of stderr."""
+    command = f"systemctl {' '.join(args)}"
     try:
         done = subprocess.run(
-            [systemctl, "stop", *UNITS], capture_output=True, text=True,
+            [systemctl, *args], capture_output=True, text=True,
             timeout=const.WIPE_STOP_TIMEOUT, check=False,
         )  # fmt: skip
-    except subprocess.TimeoutExpired as exc:
-        raise KillallError(
-            f"systemctl stop {' '.join(UNITS)} did not finish in {const.WIPE_STOP_TIMEOUT:g} s"
-        ) from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KillallError(f"{command} did not finish: {exc}") from exc
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        raise KillallError(f"systemctl stop {' '.join(UNITS)} failed: {last}")
-    return "k3s: units stopped"
+        raise KillallError(f"{command} failed: {last}")
+    return done.stdout.strip()
 
 
 def shim_trees(proc: Path = Path("/proc")) -> list[int]:

@@ -293,3 +293,34 @@ def test_leave_retries_while_etcd_calls_the_cluster_unhealthy(
     monkeypatch.setattr(etcd.time, "sleep", lambda s: setattr(cluster, "refuse", ""))
     assert "member node1-aa removed by node2-bb" in etcd.leave(tmp_path)
     assert [what for what, _ in cluster.asked] == ["list", "remove", "remove", "list"]
+
+
+def _systemctl(tmp_path: Path, units: dict[str, str], stop_rc: int = 0) -> tuple[str, Path]:
+    """A systemctl that knows UNITS (name -> LoadState) and records its calls."""
+    calls = tmp_path / "calls"
+    script = tmp_path / "systemctl"
+    cases = "".join(f'    {u}) echo {state};;\n' for u, state in units.items())
+    script.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        f'if [ "$1" = show ]; then\n  case "$4" in\n{cases}    *) echo not-found;;\n  esac\n'
+        f'  exit 0\nfi\necho "Job for k3s.service failed." >&2\nexit {stop_rc}\n'
+    )
+    script.chmod(0o755)
+    return str(script), calls
+
+
+def test_stop_units_stops_only_the_k3s_units_installed(tmp_path: Path) -> None:
+    systemctl, calls = _systemctl(tmp_path, {"k3s-agent.service": "loaded"})
+    assert killall.stop_units(systemctl, booted=True) == "k3s: stopped k3s-agent.service"
+    assert calls.read_text().splitlines()[-1] == "stop k3s-agent.service"
+    assert killall.stop_units(systemctl, booted=False).endswith("(systemd is not running here)")
+    (tmp_path / "bare").mkdir()
+    bare, _ = _systemctl(tmp_path / "bare", {})
+    assert killall.stop_units(bare, booted=True) == "k3s: no k3s units installed"
+
+
+def test_stop_units_failure_is_systemctls_last_line(tmp_path: Path) -> None:
+    systemctl, _ = _systemctl(tmp_path, {"k3s.service": "loaded"}, stop_rc=1)
+    with pytest.raises(killall.KillallError,
+                       match=r"^systemctl stop k3s.service failed: Job for k3s.service failed\.$"):
+        killall.stop_units(systemctl, booted=True)
