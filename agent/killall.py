@@ -15,8 +15,10 @@ install.sh) does, in this order, and so do we:
 4. delete the links: every veth enslaved to cni0, then cni0, flannel.1, flannel-v6.1, kube-ipvs0,
    flannel-wg, flannel-wg-v6; and remove /var/lib/cni (IP allocations of the deleted pods).
 
-Not done: k3s-killall.sh also filters KUBE-/CNI-/flannel rules out of iptables; kube-proxy in
-nftables mode keeps its own tables, which it rebuilds when k3s starts again.
+5. filter KUBE-, CNI- and flannel rules out of iptables and ip6tables (k3s-killall.sh:
+   `iptables-save | grep -v KUBE- | grep -v CNI- | grep -iv flannel | iptables-restore`), with the
+   system's iptables or the one k3s bundles (data/current/bin/aux).
+Not done: kube-proxy's own nftables tables (nftables mode), which it rebuilds when it starts.
 Links are deleted over rtnetlink with agent/daemon/rtnl.py (the daemon's own, no pyroute2).
 """
 
@@ -41,6 +43,7 @@ BRIDGE = "cni0"
 MOUNT_PREFIXES = ("run/k3s", "var/lib/kubelet/pods", "var/lib/kubelet/plugins")
 NETNS_PREFIX = "run/netns/cni-"
 CNI_STATE = "var/lib/cni"
+K3S_AUX = k3s.K3S_STATE + "/data/current/bin/aux"  # k3s's bundled iptables
 # k3s-killall.sh's getshims: `grep -w 'k3s/data/[^/]*/bin/containerd-shim'` on the args.
 _SHIM = re.compile(r"(^|/)k3s/data/[^/]+/bin/containerd-shim")
 
@@ -198,3 +201,49 @@ def delete_links(root: Path = Path("/")) -> str:
     with contextlib.suppress(OSError):  # a mount point (a disk of its own) stays, emptied
         cni.rmdir()
     return f"links: deleted {', '.join(deleted)}" if deleted else "links: none of k3s's"
+
+
+def filtered_rules(saved: str) -> str:
+    """iptables-save output without k3s's rules: k3s-killall.sh's `grep -v KUBE- | grep -v CNI-
+    | grep -iv flannel`."""
+    return "".join(
+        line for line in saved.splitlines(keepends=True)
+        if "KUBE-" not in line and "CNI-" not in line and "flannel" not in line.lower()
+    )
+
+
+def _tool(root: Path, name: str) -> str | None:
+    found = shutil.which(name)
+    if found is None and os.access(root / K3S_AUX / name, os.X_OK):
+        found = str(root / K3S_AUX / name)
+    return found
+
+
+def filter_firewall(root: Path = Path("/")) -> str:
+    """Remove k3s's iptables and ip6tables rules, keep the rest; one line."""
+    done = []
+    for family in ("iptables", "ip6tables"):
+        save, restore = _tool(root, f"{family}-save"), _tool(root, f"{family}-restore")
+        if save is None or restore is None:
+            continue
+        try:
+            saved = subprocess.run(
+                [save], capture_output=True, text=True, timeout=const.WIPE_UMOUNT_TIMEOUT,
+                check=True,
+            ).stdout  # fmt: skip
+            kept = filtered_rules(saved)
+            if kept != saved:
+                subprocess.run(
+                    [restore], input=kept, capture_output=True, text=True,
+                    timeout=const.WIPE_UMOUNT_TIMEOUT, check=True,
+                )  # fmt: skip
+                removed = len(saved.splitlines()) - len(kept.splitlines())
+                done.append(f"{family} {removed} lines")
+        except subprocess.CalledProcessError as exc:
+            last = (str(exc.stderr or "").strip().splitlines() or [f"exit {exc.returncode}"])[-1]
+            raise KillallError(f"cannot filter k3s's {family} rules: {last}") from exc
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KillallError(f"cannot filter k3s's {family} rules: {exc}") from exc
+    return f"firewall: removed k3s's rules ({', '.join(done)})" if done else (
+        "firewall: no rules of k3s's"
+    )

@@ -7,7 +7,7 @@ In order, each step only once the one before succeeded:
 2. leave etcd: another server removes this server's member (agent/cluster/etcd.py); the last
    voting member has nothing to leave;
 3. k3s-killall.sh's work (agent/killall.py): stop the units, kill the containers' shims,
-   unmount k3s's and the kubelet's mounts, delete the CNI links;
+   unmount k3s's and the kubelet's mounts, delete the CNI links, filter k3s's iptables rules;
 4. remove k3s's state with its tokens and our drop-in, the release marker, then the ballot;
 5. the double-absence gate against our own host name: two live rounds >= 1 s apart in which no
    advert names this host.
@@ -79,6 +79,8 @@ def steps(root: Path) -> list[Step]:
         Step("killed containers", "containers", thread(killall.kill_shims)),
         Step("unmounted", "k3s and kubelet mounts", thread(lambda: killall.unmount_all(root))),
         Step("deleted CNI links", "CNI links", thread(lambda: killall.delete_links(root))),
+        Step("filtered the firewall", "k3s's iptables rules",
+             thread(lambda: killall.filter_firewall(root))),
         Step("removed k3s state", "k3s state, tokens, drop-in", thread(lambda: _state(root))),
         Step("removed the ballot", "ballot", thread(lambda: _ballot(root))),
     ]
