@@ -35,8 +35,13 @@ from agent.daemon.netlink import choose_interface
 from agent.mdns import wire
 from agent.mdns.records import normalize_host, parse_advert, service_type
 
+
+class WipeError(Exception):
+    """A step of the wipe failed; one line."""
+
+
 # Domain errors carry a one-line message of their own; anything else is named by its type.
-_KNOWN = (etcd.EtcdError, killall.KillallError, k3s.K3sError, ballot.BallotError)
+_KNOWN = (WipeError, etcd.EtcdError, killall.KillallError, k3s.K3sError, ballot.BallotError)
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,9 @@ async def _withdraw() -> str:
         answer = json.loads(line or b"{}")
     except (OSError, TimeoutError, ValueError):
         return "gate: the daemon is not running (gate cannot pass; no adverts of ours to withdraw)"
-    if answer.get("withdrawn"):
+    withdrawn = answer.get("withdrawn") if isinstance(answer, dict) else None
+    if withdrawn is None:
+        raise WipeError(f"the daemon did not close its gate (it answered {str(answer)[:80]})")
+    if withdrawn:
         return "gate: closed by the daemon; adverts withdrawn (goodbye packets sent)"
     return "gate: closed by the daemon; it could not confirm the adverts' withdrawal"

@@ -12,7 +12,7 @@ from agent import cli, killall
 from agent import wipe as wipe_module
 from agent.cluster import etcd, k3s
 from agent.config import load_settings
-from agent.daemon.control import DaemonState
+from agent.daemon.control import DaemonState, request
 from agent.daemon.formation import FormationRunner
 from agent.daemon.metrics import Metrics
 from agent.daemon.netlink import Interface
@@ -377,3 +377,31 @@ def test_filter_firewall_restores_the_filtered_rules_with_k3s_bundled_iptables(
     ):
         killall.filter_firewall(tmp_path)
     assert killall.filter_firewall(tmp_path / "nothing") == "firewall: no rules of k3s's"
+
+
+def test_a_daemon_that_does_not_say_it_closed_its_gate_fails_the_first_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(answer: bytes) -> tuple[list[str], str | None]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        sock = tmp_path / "agent.sock"
+        server = await asyncio.start_unix_server(serve, path=str(sock))
+        monkeypatch.setattr(wipe_module, "request", lambda cmd: request(cmd, sock))
+        lines: list[str] = []
+        async with server:
+            failed = await run_steps(steps(tmp_path)[:1], lines)
+        return lines, failed
+
+    lines, failed = asyncio.run(scenario(b'{"error": "unknown command \'wipe\'"}\n'))
+    assert failed is not None
+    assert failed.startswith("nothing done; the daemon did not close its gate")
+    assert failed.endswith("; left: open gate and adverts (if the daemon runs)")
+    lines, failed = asyncio.run(scenario(b'{"withdrawn": true}\n'))
+    assert failed is None and lines == [
+        "gate: closed by the daemon; adverts withdrawn (goodbye packets sent)"
+    ]
