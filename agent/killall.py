@@ -13,8 +13,7 @@ install.sh) does, in this order, and so do we:
    mount point, an operator's disk, stays mounted: `wipe` empties it), each with `umount -f`, then
    remove the emptied mount point;
 4. delete the links: every veth enslaved to cni0, then cni0, flannel.1, flannel-v6.1, kube-ipvs0,
-   flannel-wg, flannel-wg-v6; and remove /var/lib/cni (IP allocations of the deleted pods).
-
+   flannel-wg, flannel-wg-v6; and remove /var/lib/cni (IP allocations of the deleted pods);
 5. filter KUBE-, CNI- and flannel rules out of iptables and ip6tables (k3s-killall.sh:
    `iptables-save | grep -v KUBE- | grep -v CNI- | grep -iv flannel | iptables-restore`), with the
    system's iptables or the one k3s bundles (data/current/bin/aux).
