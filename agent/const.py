@@ -138,6 +138,15 @@ GATE_UNREACHABLE_GRACE = 10.0  # s `gate` keeps trying to reach a daemon that is
 LOCAL_API_POLL = 0.1  # s: first wait between checks that the local k3s API answers
 LOCAL_API_POLL_MAX = 2.0  # s: the wait doubles up to this while k3s starts
 WIPE_CONFIRM_TIMEOUT = 15.0  # s `wipe` waits for the double-absence of our own adverts
+WIPE_STOP_TIMEOUT = 120.0  # s for `systemctl stop` of the k3s units (k3s-killall.sh waits as long)
+WIPE_UMOUNT_TIMEOUT = 30.0  # s for one `umount -f` of a k3s or kubelet mount
+ETCD_CLIENT_PORT = 2379  # k3s's embedded etcd: https://127.0.0.1:2379 and https://<node-ip>:2379
+ETCD_TIMEOUT = 10.0  # s per request to etcd, k3s's etcd testTimeout (pkg/etcd, v1.22)
+ETCD_ANSWER_MAX = 1 << 20  # bytes of an etcd JSON-gateway answer read at most
+ETCD_UNHEALTHY_RETRY = 15.0  # s to retry a removal etcd refuses as "unhealthy cluster": its
+#   strict reconfig check wants every voter connected to the leader for 5 s (etcdserver
+#   HealthInterval), so a member promoted or restarted just now defers it; k3s retries too
+ETCD_RETRY_EVERY = 1.0  # s between those tries
 
 # --- Live rounds on the wire (agent/mdns/wire.py; DESIGN.md §A "Double-absence gate") ---
 # Avahi 0.8 (avahi-core/response-sched.c) multicasts a shared record such as the PTR 20 ms plus

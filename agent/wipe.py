@@ -1,23 +1,32 @@
 """`sugarkube-agent wipe`: make this node fresh again, and prove its adverts left the wire.
 
-Steps: stop k3s (systemd), ask the running daemon to withdraw its adverts (goodbye packets),
-remove k3s state, this node's tokens, our drop-in and its election ballot, then run the
-double-absence gate against our own host name: two live rounds >= 1 s apart in which no advert
-names this host. Idempotent.
+In order, each step only once the one before succeeded:
+1. close the gate and withdraw the adverts (the running daemon: `gate` no longer returns 0 until
+   a restarted daemon forms again; first, so that nothing restarts k3s into the cluster it is
+   leaving: k3s re-adds a removed etcd member that starts again with its old name);
+2. leave etcd: another server removes this server's member (agent/cluster/etcd.py); the last
+   voting member has nothing to leave;
+3. k3s-killall.sh's work (agent/killall.py): stop the units, kill the containers' shims,
+   unmount k3s's and the kubelet's mounts, delete the CNI links, filter k3s's iptables rules;
+4. remove k3s's state with its tokens and our drop-in, the release marker, then the ballot;
+5. the double-absence gate against our own host name: two live rounds >= 1 s apart in which no
+   advert names this host.
+A failure ends the run there with one line: what was done, what failed, what is left. Idempotent:
+run it again once the cause is fixed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import subprocess
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from agent import const
-from agent.cluster import k3s
+from agent import const, killall
+from agent.cluster import etcd, k3s
 from agent.cluster.gate import AbsenceGate
 from agent.config import Settings
 from agent.daemon import ballot
@@ -27,26 +36,90 @@ from agent.mdns import wire
 from agent.mdns.records import normalize_host, parse_advert, service_type
 
 
+class WipeError(Exception):
+    """A step of the wipe failed; one line."""
+
+
+# Domain errors carry a one-line message of their own; anything else is named by its type.
+_KNOWN = (WipeError, etcd.EtcdError, killall.KillallError, k3s.K3sError, ballot.BallotError)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the wipe: its work (returns a progress line), said when done, left if not."""
+
+    done: str
+    left: str
+    run: Callable[[], Awaitable[str]]
+
+
+def failure_line(steps: Sequence[Step], failed: int, error: BaseException) -> str:
+    """`<done>; <what failed>; left: <what the failed and later steps would have removed>`."""
+    done = ", ".join(s.done for s in steps[:failed])
+    reason = str(error) if isinstance(error, _KNOWN) else f"{type(error).__name__}: {error}"
+    left = ", ".join(s.left for s in steps[failed:])
+    return f"{done + '; ' if done else 'nothing done; '}{reason}; left: {left}"
+
+
+async def run_steps(steps: Sequence[Step], out_lines: list[str]) -> str | None:
+    """Run the steps in order; None when all are done, else the failure line."""
+    for index, step in enumerate(steps):
+        try:
+            out_lines.append(await step.run())
+        except Exception as err:  # every failure is one line, never a traceback
+            return failure_line(steps, index, err)
+    return None
+
+
+def steps(root: Path) -> list[Step]:
+    """The wipe's steps for the node at root, in their order."""
+
+    def thread(work: Callable[[], str]) -> Callable[[], Awaitable[str]]:
+        return lambda: asyncio.to_thread(work)
+
+    return [
+        Step("closed the gate", "open gate and adverts (if the daemon runs)", _withdraw),
+        Step("left etcd", "etcd member", thread(lambda: etcd.leave(root))),
+        Step("stopped k3s", "k3s running", thread(killall.stop_units)),
+        Step("killed containers", "containers", thread(killall.kill_shims)),
+        Step("unmounted", "k3s and kubelet mounts", thread(lambda: killall.unmount_all(root))),
+        Step("deleted CNI links", "CNI links", thread(lambda: killall.delete_links(root))),
+        Step("filtered the firewall", "k3s's iptables rules",
+             thread(lambda: killall.filter_firewall(root))),
+        Step("removed k3s state", "k3s state, tokens, drop-in", thread(lambda: _state(root))),
+        Step("removed the ballot", "ballot", thread(lambda: _ballot(root))),
+    ]
+
+
 async def wipe(settings: Settings, out_lines: list[str], root: Path = Path("/")) -> tuple[int, str]:
     """Wipe this node; (exit code, reason). Progress lines are appended to out_lines."""
-    hostname = socket.gethostname()
-    out_lines.append(_stop_k3s())
-    out_lines.append(await _withdraw())
-    removed = await asyncio.to_thread(k3s.wipe_state, root)
+    failed = await run_steps(steps(root), out_lines)
+    if failed is not None:
+        return const.EXIT_FAIL, failed
+    host = f"{socket.gethostname()}.local"
+    try:
+        iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
+        return await confirm_absent(service_type(settings.cluster, settings.env), host, iface.ip4)
+    except Exception as err:  # the disk is clean; only the proof is missing
+        return const.EXIT_FAIL, (
+            f"everything removed; cannot check the wire ({type(err).__name__}: {err}); "
+            "left: adverts not proven gone"
+        )
+
+
+def _state(root: Path) -> str:
+    removed = k3s.wipe_state(root)
     marker = root / str(const.GATE_RELEASED_MARKER).lstrip("/")
     if marker.exists():
         marker.unlink()
         removed.append(str(const.GATE_RELEASED_MARKER))
-    try:
-        if await asyncio.to_thread(ballot.remove, root):  # its key and promises: start afresh
-            removed.append(str(const.BALLOT_FILE))
-    except ballot.BallotError as err:
-        return const.EXIT_FAIL, str(err)
-    out_lines.append(f"removed: {', '.join(removed)}" if removed else "removed: nothing left")
-    iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
-    return await confirm_absent(
-        service_type(settings.cluster, settings.env), f"{hostname}.local", iface.ip4
-    )
+    return f"removed: {', '.join(removed)}" if removed else "removed: no k3s state left"
+
+
+def _ballot(root: Path) -> str:
+    if ballot.remove(root):  # its key and promises: start afresh
+        return f"removed: {const.BALLOT_FILE}"
+    return "ballot: none"
 
 
 async def confirm_absent(stype: str, host: str, address: str) -> tuple[int, str]:
@@ -79,19 +152,6 @@ def _names_host(record: wire.LiveRecord, host: str) -> bool:
         return False
 
 
-def _stop_k3s() -> str:
-    systemctl = shutil.which("systemctl")
-    if systemctl is None or not Path("/run/systemd/system").is_dir():
-        return "k3s: not stopped (systemd is not running here)"
-    done = subprocess.run(
-        [systemctl, "stop", "k3s.service", "k3s-agent.service"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    if done.returncode != 0:
-        return f"k3s: systemctl stop failed: {done.stderr.strip().splitlines()[-1:]}"
-    return "k3s: stopped"
-
-
 async def _withdraw() -> str:
     try:
         reader, writer = await request("wipe")
@@ -99,7 +159,10 @@ async def _withdraw() -> str:
         writer.close()
         answer = json.loads(line or b"{}")
     except (OSError, TimeoutError, ValueError):
-        return "adverts: the daemon is not running (nothing of ours to withdraw)"
-    if answer.get("withdrawn"):
-        return "adverts: withdrawn by the daemon (goodbye packets sent)"
-    return "adverts: the daemon could not confirm the withdrawal"
+        return "gate: the daemon is not running (gate cannot pass; no adverts of ours to withdraw)"
+    withdrawn = answer.get("withdrawn") if isinstance(answer, dict) else None
+    if withdrawn is None:
+        raise WipeError(f"the daemon did not close its gate (it answered {str(answer)[:80]})")
+    if withdrawn:
+        return "gate: closed by the daemon; adverts withdrawn (goodbye packets sent)"
+    return "gate: closed by the daemon; it could not confirm the adverts' withdrawal"

@@ -472,7 +472,7 @@ def _remove(path: Path, top: Path) -> None:
         raise K3sError(f"cannot remove {path} while wiping {top}: {exc.strerror}") from exc
 
 
-def _mount_points(root: Path) -> list[Path]:
+def mount_points(root: Path) -> list[Path]:
     """Mount points from root's /proc/self/mountinfo (field 5, octal escapes undone), if any."""
     try:
         text = (root / MOUNTINFO).read_text(errors="surrogateescape")
@@ -489,12 +489,12 @@ def _mount_points(root: Path) -> list[Path]:
 
 def _is_mount(root: Path, path: Path) -> bool:
     """Whether path is itself a mount point."""
-    return path in _mount_points(root) or (path.is_dir() and os.path.ismount(path))
+    return path in mount_points(root) or (path.is_dir() and os.path.ismount(path))
 
 
 def _refuse_mounts(root: Path, top: Path) -> None:
     """K3sError if anything below top is mounted (binds seen in mountinfo, the rest by st_dev)."""
-    for point in _mount_points(root):
+    for point in mount_points(root):
         if point != top and point.is_relative_to(top):
             raise _mounted(point)
     device = top.lstat().st_dev

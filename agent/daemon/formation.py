@@ -228,13 +228,21 @@ class FormationRunner:
         self._wake.set()
 
     async def wipe(self) -> bool:
-        """Withdraw every advert and stop forming (the `wipe` command then checks the wire)."""
+        """Close the gate, withdraw every advert and stop forming until the daemon restarts.
+
+        The gate closes first: from here on `sugarkube-agent gate` waits (k3s, started or
+        restarted by systemd, waits in its ExecCondition) until a restarted daemon forms again;
+        the `wipe` command then removes the state and checks the wire.
+        """
         self._wiped = True
+        self.released.clear()
+        self._metrics.gate_released(False)
+        await self._state.update(
+            phase="wiped", released=False, release_mode="", release_role="", leader="",
+            status="wiped: systemctl restart sugarkube-agent to form again",
+        )
         withdrawn = await self._publisher.withdraw()
         self._metrics.phase("wiped")
-        await self._state.update(
-            phase="wiped", status="wiped: restart sugarkube-agent to form again"
-        )
         return withdrawn
 
     # -- actions ------------------------------------------------------------------------------

@@ -123,7 +123,15 @@ async def hold_released(
         phase="member", role=name, status=status, released=True, release_mode="member",
         release_role=name, degraded={what: reason},
     )
-    control = ControlServer(state, wipe=_nothing_to_withdraw)
+    async def wiped() -> bool:
+        """`wipe`: the gate closes (no advert was published: nothing to withdraw)."""
+        await state.update(
+            released=False, release_mode="", release_role="", phase="wiped",
+            status="wiped: systemctl restart sugarkube-agent to form again",
+        )
+        return True
+
+    control = ControlServer(state, wipe=wiped)
     metrics = Metrics(__version__, "unknown", "unknown")
     metrics.gate_released(True)
     metrics.degraded(what, True)
@@ -144,10 +152,6 @@ async def hold_released(
         await control.close()
         if endpoint is not None:
             await endpoint.close()
-
-
-async def _nothing_to_withdraw() -> bool:
-    return True  # no advert was published
 
 
 async def _loop_alive() -> None:

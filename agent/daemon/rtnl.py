@@ -21,7 +21,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 
@@ -34,7 +34,7 @@ _RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
 _U32 = struct.Struct("=I")
 
 # Attribute numbers -> pyroute2's names, and how to decode the payload.
-_IFLA = {3: ("IFLA_IFNAME", "str"), 18: ("IFLA_LINKINFO", "linkinfo")}
+_IFLA = {3: ("IFLA_IFNAME", "str"), 10: ("IFLA_MASTER", "u32"), 18: ("IFLA_LINKINFO", "linkinfo")}
 _IFLA_INFO = {1: ("IFLA_INFO_KIND", "str")}
 _IFA = {1: ("IFA_ADDRESS", "ip"), 2: ("IFA_LOCAL", "ip"), 8: ("IFA_FLAGS", "u32")}
 _RTA = {1: ("RTA_DST", "ip"), 4: ("RTA_OIF", "u32"), 6: ("RTA_PRIORITY", "u32"),
@@ -167,6 +167,15 @@ class IPRoute:
     def get_links(self, index: int) -> list[Msg]:
         """The link with that index; NetlinkError(ENODEV) when there is none."""
         return self._request(RTM_GETLINK, NLM_F_REQUEST, _IFINFOMSG.pack(0, 0, index, 0, 0))
+
+    def get_all_links(self) -> list[Msg]:
+        """Every link (IFLA_IFNAME, IFLA_MASTER: the bridge a veth is attached to)."""
+        body = _IFINFOMSG.pack(0, 0, 0, 0, 0)
+        return self._request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, body)
+
+    def link_del(self, index: int) -> None:
+        """Delete the link with that index (`ip link delete`); NetlinkError when refused."""
+        self._request(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, _IFINFOMSG.pack(0, 0, index, 0, 0))
 
     def get_addr(self, index: int) -> list[Msg]:
         """Every address of the link with that index."""

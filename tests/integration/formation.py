@@ -34,8 +34,11 @@ UNIT_STARTS = 40  # the lab unit gives up after this many starts (~4 min of 5 s 
 LAB_SERVE_DELAY = 3.0  # s from the stand-in's start to listening on 6443
 LAB_LEARNER_TICK = 2.0  # s between the etcd leader's promotion attempts
 KILL_TIMEOUT = 10.0  # s for SIGKILLed processes to be gone
-ETCDCTL = ("etcdctl", "--endpoints", "http://127.0.0.1:2379", "--dial-timeout", "2s",
-           "--command-timeout", "5s")  # fmt: skip
+# etcdctl as k3s's docs run it on a server: TLS with k3s's etcd client certificate.
+_ETCD_TLS = "/var/lib/rancher/k3s/server/tls/etcd"
+ETCDCTL = ("etcdctl", "--endpoints", "https://127.0.0.1:2379", "--dial-timeout", "2s",
+           "--command-timeout", "5s", f"--cacert={_ETCD_TLS}/server-ca.crt",
+           f"--cert={_ETCD_TLS}/client.crt", f"--key={_ETCD_TLS}/client.key")  # fmt: skip
 
 
 SKIPPED = 3  # `gate --role`: released in the other role; ExecCondition= skips the unit
@@ -168,6 +171,13 @@ class PiNode:
         return self
 
     boot = start
+
+    def restart_agent(self) -> None:
+        """`systemctl restart sugarkube-agent`: SIGTERM the agent and start it again (not k3s)."""
+        if self.agent is not None:
+            self.agent.stop()
+        self._agent_from = _size(self.agent_log)
+        self.agent = Agent(self.node, self.agent_log, env=self.env)
 
     def power_cut(self) -> None:
         """Pull the plug: SIGKILL the agent, the k3s unit's group (etcd too) and avahi-daemon.

@@ -28,6 +28,8 @@ PRIVATE_DIRS: Mapping[str, str] = {
     "/etc/rancher": "etc-rancher",
     "/var/lib/rancher": "var-lib-rancher",
     "/var/lib/sugarkube": "var-lib-sugarkube",
+    "/var/lib/cni": "var-lib-cni",  # wipe removes CNI and kubelet state (k3s-killall.sh's work)
+    "/var/lib/kubelet": "var-lib-kubelet",
     "/boot/firmware": "boot-firmware",
     "/etc/avahi/services": "etc-avahi-services",
 }

@@ -41,11 +41,11 @@ def _now() -> float:
     return time.time() + seconds_from_env(CLOCK_AHEAD_ENV, 0.0)
 
 
-def new_ca(now: float | None = None) -> tuple[bytes, bytes]:
-    """A self-signed EC P-256 cluster CA as k3s makes one: (certificate PEM, key PEM)."""
+def new_ca(now: float | None = None, name: str = "k3s-server-ca") -> tuple[bytes, bytes]:
+    """A self-signed EC P-256 CA as k3s makes one: (certificate PEM, key PEM)."""
     stamp = int(_now() if now is None else now)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"k3s-server-ca@{stamp}")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name}@{stamp}")])
     start = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
@@ -72,8 +72,10 @@ def issue(
     sans: Sequence[str] = (),
     client: bool = False,
     organization: str | None = None,
+    also_client: bool = False,
 ) -> tuple[bytes, bytes]:
-    """A leaf certificate signed by the CA: server auth for SANS, or client auth."""
+    """A leaf certificate signed by the CA: server auth for SANS (ALSO_CLIENT: and client auth,
+    as k3s's etcd server-client.crt, which etcd's gateway presents to etcd), or client auth."""
     ca = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
@@ -83,7 +85,9 @@ def issue(
     if organization:
         attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
     now = datetime.datetime.fromtimestamp(_now(), datetime.UTC)
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+    if also_client and not client:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name(attributes))
@@ -93,7 +97,7 @@ def issue(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(_san(s) for s in sans), False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from agent.cluster import k3s
+from agent.cluster import etcd, k3s
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -25,6 +25,13 @@ ETCD_NAME = ETCD_DIR + "/name"  # the member name, kept across restarts (k3s: na
 ETCD_WAL = ETCD_DIR + "/member/wal"  # present once etcd ran: k3s's IsInitialized test
 ETCD_CONFIG = ETCD_DIR + "/config"  # the flags etcd last ran with (k3s: CurrentETCDOptions)
 ETCD_LOG = k3s.K3S_STATE + "/server/logs/etcd.log"  # k3s logs etcd to its journal; ours is apart
+# etcd's TLS as k3s sets it up (pkg/daemons/control/deps): one etcd server CA shared by every
+# server (in the bootstrap data a joiner gets), a serving certificate per server
+# (server-client.crt), and the client certificate k3s's own etcd clients and etcdctl present.
+ETCD_CA_CERT, ETCD_CA_KEY = etcd.SERVER_CA, etcd.TLS_DIR + "/server-ca.key"
+ETCD_SERVING_CERT = etcd.TLS_DIR + "/server-client.crt"
+ETCD_SERVING_KEY = etcd.TLS_DIR + "/server-client.key"
+ETCD_CLIENT_CERT, ETCD_CLIENT_KEY = etcd.CLIENT_CERT, etcd.CLIENT_KEY
 AGENT_CA = k3s.AGENT_DIR + "/server-ca.crt"
 AGENT_KEY = k3s.AGENT_DIR + "/client-kubelet.key"
 DIR_MODE = 0o700  # k3s chmods db/etcd to 0700; etcd 3.4 warns about anything wider

@@ -19,15 +19,22 @@ from typing import Any
 
 from agent.cluster import k3s
 
+from .certs import issue, new_ca
 from .const import (
     AGENT_CA,
     AGENT_KEY,
     CA_CERT,
     CA_KEY,
     DIR_MODE,
+    ETCD_CA_CERT,
+    ETCD_CA_KEY,
+    ETCD_CLIENT_CERT,
+    ETCD_CLIENT_KEY,
     ETCD_CONFIG,
     ETCD_DIR,
     ETCD_NAME,
+    ETCD_SERVING_CERT,
+    ETCD_SERVING_KEY,
     ETCD_WAL,
     NODE_TOKEN,
     SERVER_TOKEN,
@@ -81,11 +88,14 @@ def datastore(root: Path) -> Datastore:
 
 @dataclass
 class Cluster:
-    """What every server of a cluster shares: the CA, its key and the token's password."""
+    """What every server of a cluster shares: the CA, its key, the token's password, and the
+    etcd server CA with its key (k3s's bootstrap data carries both CAs)."""
 
     ca_pem: bytes
     ca_key_pem: bytes
     password: str
+    etcd_ca_pem: bytes = b""
+    etcd_ca_key_pem: bytes = b""
 
     @property
     def ca(self) -> str:
@@ -100,13 +110,19 @@ class Cluster:
         link = root / NODE_TOKEN
         if not link.is_symlink():
             link.symlink_to("token")
+        if self.etcd_ca_pem:
+            write(root / ETCD_CA_CERT, self.etcd_ca_pem)
+            write(root / ETCD_CA_KEY, self.etcd_ca_key_pem, 0o600)
 
     @classmethod
     def load(cls, root: Path) -> Cluster:
         """The cluster a restarting server belongs to; Refused when its files are missing."""
         try:
             token = k3s.parse_token((root / SERVER_TOKEN).read_text().strip())
-            return cls((root / CA_CERT).read_bytes(), (root / CA_KEY).read_bytes(), token.password)
+            etcd_ca = (root / ETCD_CA_CERT, root / ETCD_CA_KEY)
+            etcd_pems = [p.read_bytes() for p in etcd_ca] if etcd_ca[0].exists() else [b"", b""]
+            return cls((root / CA_CERT).read_bytes(), (root / CA_KEY).read_bytes(), token.password,
+                       *etcd_pems)
         except (OSError, k3s.TokenError) as exc:
             raise Refused("state_invalid", f"cannot restart from {root}: {exc}") from exc
 
@@ -125,7 +141,7 @@ class Cluster:
                     "short token, or seed the CA it names",
                 )
             password = parsed.password
-        return cls(ca[0], ca[1], password)
+        return cls(ca[0], ca[1], password, *new_ca(name="etcd-server-ca"))
 
 
 def make_sqlite(root: Path) -> None:
@@ -165,3 +181,17 @@ def save_agent(root: Path, ca_pem: bytes, client_cert: bytes, client_key: bytes)
     write(root / AGENT_CA, ca_pem)
     write(root / AGENT_KEY, client_key, 0o600)
     write(root / k3s.AGENT_MARKER, client_cert)
+
+
+def etcd_certs(root: Path, cluster: Cluster, sans: list[str]) -> None:
+    """This server's etcd serving certificate (SANS) and k3s's etcd client certificate, signed
+    by the cluster's etcd server CA, as k3s writes them before it starts etcd."""
+    if not cluster.etcd_ca_pem:
+        raise Refused("state_invalid", f"no etcd server CA in {root}: cannot start etcd")
+    cert, key = issue(cluster.etcd_ca_pem, cluster.etcd_ca_key_pem, "etcd-server", sans=sans,
+                      also_client=True)
+    write(root / ETCD_SERVING_CERT, cert)
+    write(root / ETCD_SERVING_KEY, key, 0o600)
+    cert, key = issue(cluster.etcd_ca_pem, cluster.etcd_ca_key_pem, "etcd-client", client=True)
+    write(root / ETCD_CLIENT_CERT, cert)
+    write(root / ETCD_CLIENT_KEY, key, 0o600)

@@ -3,10 +3,14 @@
 The process: Debian's etcd 3.4 as a child of the stand-in, in its process group (a SIGKILL of the
 group, the lab's power cut, takes both; `setpriv --pdeathsig KILL` also takes etcd down if the
 stand-in alone dies, as an embedded etcd would), with k3s's flags: heartbeat 500 ms, election
-5000 ms, client URLs on 127.0.0.1:2379 and the node address, peers on http://<address>:2380.
+5000 ms, client URLs https://127.0.0.1:2379 and https://<address>:2379 with client certificates
+required (k3s's server/tls/etcd/: the etcd server CA, this server's server-client.crt, and the
+client.crt every etcd client of k3s, and etcdctl, presents), peers on http://<address>:2380 (k3s
+uses TLS there too; nothing of ours talks to the peer port).
 
 The calls go through etcd's JSON gateway on the client URL (`/v3/cluster/member/...`), the same
-RPCs k3s's Go client makes: MemberList, MemberAddAsLearner, MemberPromote, MemberRemove, Status.
+RPCs k3s's Go client makes: MemberList, MemberAddAsLearner, MemberPromote, MemberRemove, Status;
+with k3s's etcd client certificate, as agent/cluster/etcd.py (wipe) calls them on a real node.
 Measured with etcd 3.4.23 here: a second `MemberAdd(IsLearner)` while one learner exists fails
 with "etcdserver: too many learner members in cluster" (etcd 3.4 allows one learner and has no
 flag to raise it); a learner that started and caught up can be promoted ~0.6 s after its etcd
@@ -21,6 +25,7 @@ import contextlib
 import http.client
 import json
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +35,23 @@ from urllib.parse import urlsplit
 from .addresses import url_host
 from .const import (
     ETCD,
+    ETCD_CA_CERT,
+    ETCD_CLIENT_CERT,
+    ETCD_CLIENT_KEY,
     ETCD_CLIENT_PORT,
     ETCD_DIR,
     ETCD_ELECTION,
     ETCD_HEARTBEAT,
     ETCD_LOG,
     ETCD_PEER_PORT,
+    ETCD_SERVING_CERT,
+    ETCD_SERVING_KEY,
     ETCD_SNAPSHOT_COUNT,
     ETCD_STOP_TIMEOUT,
     ETCD_TIMEOUT,
 )
 
-LOCAL = f"http://127.0.0.1:{ETCD_CLIENT_PORT}"
+LOCAL = f"https://127.0.0.1:{ETCD_CLIENT_PORT}"
 
 
 class EtcdError(Exception):
@@ -85,16 +95,28 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def client_tls(root: Path) -> ssl.SSLContext:
+    """k3s's etcd client TLS: trust the etcd server CA, present client.crt."""
+    context = ssl.create_default_context(cafile=str(root / ETCD_CA_CERT))
+    context.load_cert_chain(root / ETCD_CLIENT_CERT, root / ETCD_CLIENT_KEY)
+    return context
+
+
 class Gateway:
     """etcd's v3 JSON gateway at one client URL; every call is bounded by TIMEOUT s."""
 
-    def __init__(self, url: str = LOCAL, timeout: float = ETCD_TIMEOUT) -> None:
+    def __init__(
+        self, url: str = LOCAL, timeout: float = ETCD_TIMEOUT, tls: ssl.SSLContext | None = None
+    ) -> None:
         parts = urlsplit(url)
         self.url, self.host, self.port = url, parts.hostname or "", parts.port or ETCD_CLIENT_PORT
         self.timeout = timeout
+        self.tls = tls
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        connection = http.client.HTTPSConnection(
+            self.host, self.port, timeout=self.timeout, context=self.tls
+        )
         try:
             connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
             response = connection.getresponse()
@@ -144,7 +166,7 @@ def peer_url(address: str) -> str:
 
 
 def client_url(address: str) -> str:
-    return f"http://{url_host(address)}:{ETCD_CLIENT_PORT}"
+    return f"https://{url_host(address)}:{ETCD_CLIENT_PORT}"
 
 
 def initial_cluster(members: Sequence[Member], name: str, address: str) -> str:
@@ -162,7 +184,7 @@ def initial_cluster(members: Sequence[Member], name: str, address: str) -> str:
 
 
 def flags(root: Path, name: str, address: str, cluster: str, state: str) -> dict[str, str]:
-    """etcd's flags for this member: k3s's timings, plain-http URLs on 2379 and 2380."""
+    """etcd's flags for this member: k3s's timings, TLS clients on 2379, http peers on 2380."""
     listen = list(dict.fromkeys([LOCAL, client_url(address)]))
     return {
         "name": name,
@@ -176,6 +198,10 @@ def flags(root: Path, name: str, address: str, cluster: str, state: str) -> dict
         "heartbeat-interval": str(ETCD_HEARTBEAT),
         "election-timeout": str(ETCD_ELECTION),
         "snapshot-count": str(ETCD_SNAPSHOT_COUNT),
+        "cert-file": str(root / ETCD_SERVING_CERT),
+        "key-file": str(root / ETCD_SERVING_KEY),
+        "trusted-ca-file": str(root / ETCD_CA_CERT),
+        "client-cert-auth": "true",
         "logger": "zap",
         "log-outputs": "stderr",
     }
@@ -188,7 +214,7 @@ class EtcdProcess:
         self.root = root
         self.argv = [
             "setpriv", "--pdeathsig", "KILL", "--", ETCD,
-            *(arg for key, value in options.items() for arg in (f"--{key}", value)),
+            *(f"--{key}={value}" for key, value in options.items()),  # Go: booleans need =
         ]  # fmt: skip
         self.proc: asyncio.subprocess.Process | None = None
 

@@ -101,7 +101,7 @@ class LearnerManager:
         """The learner's raftAppliedIndex from its first client URL that answers."""
         for url in learner.client_urls:
             try:
-                return Gateway(url, STATUS_TIMEOUT).status().applied
+                return Gateway(url, STATUS_TIMEOUT, self.gateway.tls).status().applied
             except EtcdError:
                 continue
         return None

@@ -207,6 +207,8 @@ class Api:
         log("bootstrap_sent", name=name, peer=peer)
         return _json(200, {
             "ca_cert": self.cluster.ca_pem.decode(), "ca_key": self.cluster.ca_key_pem.decode(),
+            "etcd_ca": self.cluster.etcd_ca_pem.decode(),
+            "etcd_ca_key": self.cluster.etcd_ca_key_pem.decode(),
         })  # fmt: skip
 
     async def etcd_join(self, request: dict[str, Any], peer: str) -> bytes:

@@ -169,7 +169,7 @@ class Server:
         if state is disk.Datastore.ETCD:
             cluster = disk.Cluster.load(root)
             log("restarted", name=self.s.name, role="server", datastore="etcd", ca=cluster.ca)
-            await self._etcd(disk.etcd_config(root), "restarted")
+            await self._etcd(cluster, disk.etcd_config(root), "restarted")
             return cluster
         if state is disk.Datastore.SQLITE:
             cluster = disk.Cluster.load(root)
@@ -189,7 +189,7 @@ class Server:
         options = etcd.flags(root, name, address, f"{name}={etcd.peer_url(address)}", "new")
         disk.save_etcd_config(root, options)
         log("bootstrapped", name=self.s.name, datastore="etcd", ca=cluster.ca, member=name)
-        await self._etcd(options, "bootstrapped")
+        await self._etcd(cluster, options, "bootstrapped")
         return cluster
 
     async def _join(self, url: str, token: str | None) -> disk.Cluster:
@@ -201,7 +201,8 @@ class Server:
         boot = await asyncio.to_thread(
             trusted.call, "/v1-sugarkube/server-bootstrap", {"name": name}, "server"
         )
-        cluster = disk.Cluster(trusted.cacerts, boot["ca_key"].encode(), trusted.token.password)
+        cluster = disk.Cluster(trusted.cacerts, boot["ca_key"].encode(), trusted.token.password,
+                               boot["etcd_ca"].encode(), boot["etcd_ca_key"].encode())
         cluster.save(root)
         address = node_address(self.config, self.s.bind)
         added = await asyncio.to_thread(
@@ -212,15 +213,21 @@ class Server:
         disk.save_etcd_config(root, options)
         log("etcd_joining", member=name, cluster_id=added["cluster_id"],
             initial_cluster=added["initial_cluster"])  # fmt: skip
-        status = await self._etcd(options, "joined")
+        status = await self._etcd(cluster, options, "joined")
         log("joined", name=self.s.name, role="server", ca=cluster.ca, member=name,
             cluster_id=f"{status.cluster_id:x}")  # fmt: skip
         return cluster
 
-    async def _etcd(self, options: dict[str, str], why: str) -> etcd.Status:
+    async def _etcd(
+        self, cluster: disk.Cluster, options: dict[str, str], why: str
+    ) -> etcd.Status:
         """Start etcd with OPTIONS and wait until the local member is a voter with a leader."""
-        self.member = etcd.EtcdProcess(self.s.root, options)
-        self.gateway = etcd.Gateway()
+        root = self.s.root
+        address = node_address(self.config, self.s.bind)
+        sans = list(dict.fromkeys(["127.0.0.1", "localhost", self.s.name, address]))
+        disk.etcd_certs(root, cluster, sans)  # as k3s writes them at every start
+        self.member = etcd.EtcdProcess(root, options)
+        self.gateway = etcd.Gateway(tls=etcd.client_tls(root))
         begun = time.monotonic()
         pid = await self.member.start()
         log("etcd_started", member=options["name"], pid=pid,
