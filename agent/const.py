@@ -169,6 +169,7 @@ DNS_TYPE_SRV = 33  # RFC 2782
 DNS_CLASS_IN = 1  # RFC 1035 §3.2.4; the top bit clear makes a question QM (RFC 6762 §5.4)
 DNS_FLAGS_QUERY = 0x0000  # QR=0, opcode 0: a standard query (RFC 6762 §18.2-18.3)
 IP_MULTICAST_ALL = 49  # linux/in.h; 0 = a socket gets only the groups it joined, where it joined
+IPV6_MULTICAST_ALL = 29  # linux/in6.h (Linux 4.20): the same for IPv6 sockets
 GATE_TIMEOUT = 900.0  # s: `gate --timeout` default (systemd/k3s.service.d/10-sugarkube-gate.conf)
 VERIFIED_MARKER = Path("/run/sugarkube/verified")  # tmpfs: the daemon's verifier ran this boot
 VERIFIER_WAIT_FOR_K3S = 120.0  # s after the release to wait for k3s before verifying anyway

@@ -99,7 +99,8 @@ async def wipe(settings: Settings, out_lines: list[str], root: Path = Path("/"))
     host = f"{socket.gethostname()}.local"
     try:
         iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
-        return await confirm_absent(service_type(settings.cluster, settings.env), host, iface.ip4)
+        stype = service_type(settings.cluster, settings.env)
+        return await confirm_absent(stype, host, iface.mdns_addr)
     except Exception as err:  # the disk is clean; only the proof is missing
         return const.EXIT_FAIL, (
             f"everything removed; cannot check the wire ({type(err).__name__}: {err}); "

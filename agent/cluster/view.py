@@ -49,6 +49,7 @@ class NodeAdvert:
     vote: str = ""  # election key it votes for (phase discover) or is bound to (phase bound)
     admit: str = ""  # a serving server: the key of the fresh node it admits as a server now
     members: int = 0  # a serving server: etcd's members, voters and learners (0 unknown)
+    ip6: str = ""  # its TXT ip6=: dialled when the address above is not an IPv4 one
 
     @property
     def ident(self) -> str:
@@ -258,7 +259,7 @@ def to_node_adverts(records: list[LiveRecord], own_key: str) -> list[NodeAdvert]
                 role=advert.role, key=advert.key, ca=advert.ca,
                 address=record.addresses[0] if record.addresses else advert.ip4,
                 phase=advert.phase, vote=advert.vote, admit=advert.admit,
-                members=int(advert.members or 0),
+                members=int(advert.members or 0), ip6=advert.ip6,
             )
         )
     return adverts

@@ -314,7 +314,7 @@ class FormationRunner:
             self._wake.set()
             return
         try:
-            records = await wire.live_round(self._stype, interface_addr=self._iface.ip4)
+            records = await wire.live_round(self._stype, interface_addr=self._iface.mdns_addr)
         except Exception as err:  # a failed round is no evidence either way
             self.machine.round_failed(time.monotonic())
             self._log.event("absence_round_failed", "warning", error=f"{type(err).__name__}: {err}")
@@ -341,7 +341,8 @@ class FormationRunner:
     async def _prove(self, advert: NodeAdvert) -> None:
         expected = self._token.ca_hash if self._token is not None else None
         result = None
-        for address in choose_address(advert.address, "", "", self._iface.name):
+        # What the advert offers: TXT ip4 (else the resolved address), TXT ip6, the resolved.
+        for address in choose_address(advert.address, advert.ip6, advert.address, self._iface.name):
             result = await wire_proof(
                 address, const.K3S_API_PORT, expected_ca_sha256=expected,
                 timeout=const.WIRE_PROOF_TIMEOUT, capture=self._settings.mdns.wire_proof == "on",
@@ -399,7 +400,7 @@ class FormationRunner:
                 self._root,
                 k3s.Release(
                     mode=release.mode,
-                    server_url=_url(address) if address else None,
+                    server_url=k3s.api_url(address) if address else None,
                     token=self._settings.token.reveal() if self._settings.token else None,
                     node_labels=(f"sugarkube.io/cluster={self._settings.cluster}",),
                 ),
@@ -500,7 +501,7 @@ class FormationRunner:
             self._mismatched.pop(a.host, None)
         self.machine.advert_seen(now, NodeAdvert(
             change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote,
-            a.admit, int(a.members or 0),
+            a.admit, int(a.members or 0), a.ip6,
         ))
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -573,11 +574,6 @@ class FormationRunner:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _url(address: str) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"https://{host}:{const.K3S_API_PORT}"
 
 
 def _log_change(log: EventLog, change: Change, ms_elapsed: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -49,6 +50,16 @@ class Interface:
     index: int
     ip4: str = ""
     ip6: str = ""
+
+    @property
+    def mdns_addr(self) -> str:
+        """Where live rounds send from: the IPv4 address, else the IPv6 one (an IPv6-only
+        link), a link-local one with its %scope; "" when the interface has neither."""
+        if self.ip4 or not self.ip6:
+            return self.ip4
+        if "%" not in self.ip6 and ipaddress.ip_address(self.ip6).is_link_local:
+            return f"{self.ip6}%{self.name}"
+        return self.ip6
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ class Daemon:
         from agent.mdns.fallback import LiveBrowser, StaticPublisher
 
         self.bus = None
-        stype, addr = service_type(self.settings.cluster, self.settings.env), self.iface.ip4
+        stype, addr = service_type(self.settings.cluster, self.settings.env), self.iface.mdns_addr
         self.publisher = StaticPublisher(self.log, interface_addr=addr)
         self.browse = lambda: LiveBrowser(stype, self.log, interface_addr=addr)
         self.prove_alive = _loop_alive  # no GLib thread: the asyncio loop is all there is

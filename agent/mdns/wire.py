@@ -229,7 +229,7 @@ def _query(questions: list[DNSQuestion]) -> DNSOutgoing:
 
 
 def _receive_only_here(zc: Zeroconf) -> None:
-    """Make the shared 5353 socket take only mDNS of the interface it joined the group on (IPv4).
+    """Make the shared 5353 socket take only mDNS of the interface it joined the group on.
 
     Linux delivers a group's datagrams to every socket bound to the port when any socket on the
     host joined the group on the arriving interface (IP_MULTICAST_ALL, default 1), and
@@ -240,6 +240,8 @@ def _receive_only_here(zc: Zeroconf) -> None:
         with suppress(OSError):
             if sock.family == socket.AF_INET and sock.getsockname()[0] == "0.0.0.0":
                 sock.setsockopt(socket.IPPROTO_IP, const.IP_MULTICAST_ALL, 0)
+            elif sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, const.IPV6_MULTICAST_ALL, 0)
 
 
 def _drop_unparsable(zc: Zeroconf) -> None:
@@ -267,8 +269,12 @@ def _check_local(interface_addr: str) -> None:
     """
     family = socket.AF_INET6 if ":" in interface_addr else socket.AF_INET
     try:
+        # getaddrinfo turns a link-local address's %scope into the sockaddr's scope_id.
+        ((*_, sockaddr),) = socket.getaddrinfo(
+            interface_addr, 0, family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
+        )[:1]
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.bind((interface_addr, 0))
+            sock.bind(sockaddr)
     except OSError as err:
         raise WireError(f"{interface_addr} is not an address of this host: {err.strerror}") from err
 

@@ -602,3 +602,12 @@ def test_watch_of_an_interface_gone_before_the_dump_raises(kernel: FakeKernel) -
     events, outcome = watch(kernel, [])
     assert events == [] and isinstance(outcome, InterfaceError)
     assert kernel.sock.ours.fileno() == -1
+
+
+def test_live_rounds_ask_from_ipv4_else_ipv6_a_link_local_one_scoped() -> None:
+    from agent.daemon.netlink import Interface
+
+    assert Interface("eth0", 2, "10.0.0.5", "fd00::5").mdns_addr == "10.0.0.5"
+    assert Interface("eth0", 2, "", "fd00::5").mdns_addr == "fd00::5"  # an IPv6-only link
+    assert Interface("eth0", 2, "", "fe80::5").mdns_addr == "fe80::5%eth0"
+    assert Interface("eth0", 2).mdns_addr == ""
