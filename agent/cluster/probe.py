@@ -113,6 +113,25 @@ def choose_address(ip4: str, ip6: str, resolved: str, interface: str | None = No
     return chosen
 
 
+NO_ADDRESS = "no address to dial in its advert"  # why prove_advert found nothing to prove
+
+
+async def prove_advert(
+    address: str, ip6: str, *, interface: str, expected_ca_sha256: str | None, capture: bool
+) -> ProofResult | None:
+    """Prove what an advert offers, best first (its TXT ip4, else the resolved `address`; its TXT
+    `ip6`; the resolved one) until one passes or serves another CA; None: nothing dialable."""
+    result = None
+    for candidate in choose_address(address, ip6, address, interface):
+        result = await wire_proof(
+            candidate, const.K3S_API_PORT, expected_ca_sha256=expected_ca_sha256,
+            timeout=const.WIRE_PROOF_TIMEOUT, capture=capture, interface=interface,
+        )
+        if result.ok or result.reason == RefusalReason.CA_MISMATCH:
+            break
+    return result
+
+
 def _dialable(text: str, version: int | None, interface: str | None) -> str | None:
     """`text` as an address string we can connect to, or None."""
     try:

@@ -13,8 +13,7 @@ import contextlib
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,25 +24,24 @@ from agent.cluster.election import (
     Action,
     Advertise,
     Bind,
-    Formation,
     Prove,
     Release,
     RunRound,
 )
-from agent.cluster.peers import Change, PeerTable
-from agent.cluster.probe import RefusalReason, choose_address, explain, wire_proof
+from agent.cluster.probe import NO_ADDRESS, RefusalReason, explain, prove_advert, wire_proof
 from agent.cluster.view import NodeAdvert, to_node_adverts
 from agent.config import Settings
-from agent.daemon import ballot, local
-from agent.daemon.control import DaemonState, PeerInfo
+from agent.daemon import ballot
+from agent.daemon import release as release_io
+from agent.daemon.control import DaemonState
 from agent.daemon.metrics import Metrics
 from agent.daemon.netlink import Interface, InterfaceEvent
+from agent.daemon.peerwatch import BrowserFactory, PeerWatch
 from agent.log import EventLog, Level
 from agent.mdns import wire
 from agent.mdns.records import (
     Advert,
     Advertisement,
-    BrowseEvent,
     Role,
     encode_txt,
     instance_name,
@@ -67,10 +65,6 @@ class AdvertPublisher(Protocol):
     async def run(self) -> None: ...
 
     async def withdraw(self, timeout: float = ...) -> bool: ...
-
-
-# A browser for this cluster's type: avahi/browser.py, or mdns/fallback.py's LiveBrowser.
-BrowserFactory = Callable[[], AbstractAsyncContextManager[AsyncIterator[BrowseEvent]]]
 
 
 class FormationRunner:
@@ -112,7 +106,6 @@ class FormationRunner:
         self._started = time.monotonic()
         self._wake = asyncio.Event()
         self._names: dict[str, Role] = {}  # instance names we published -> their role
-        self._mismatched: dict[str, str] = {}  # peer host -> the other servers= it advertises
         self._proven: dict[str, str] = {}  # server instance name -> the address that passed
         self._tasks: set[asyncio.Task[None]] = set()
         self._wiped = False
@@ -120,48 +113,11 @@ class FormationRunner:
         self.k3s_up = asyncio.Event()  # the local k3s API answers (servers only)
         self._failure: BaseException | None = None
         self._avahi = avahi
-        self._table = PeerTable(settings.cluster, settings.env)
-        damaged = ""
-        try:
-            stored = ballot.load(root)
-        except ballot.BallotError as err:
-            stored, damaged = None, str(err)
-            log.event("ballot_damaged", "error", error=damaged)
-        self._ballot = stored or ballot.Ballot.new()
-        member, rejoin = self._membership(), self._rejoin()
-        if rejoin:
-            member = None
-            log.event("rejoin", "warning", reason="server join cut short before etcd started")
-        self.machine = Formation(
-            host=self._host,
-            key=self._ballot.key,
-            servers=settings.servers,
-            member=member,
-            ca_on_disk=k3s.ca_on_disk(root) if member == Role.SERVER else "",
-            stype=self._stype,
-            can_join=self._token is not None,
-            ineligible=damaged,
-            rejoin=rejoin,
-            agent_only=member is None and k3s.agent_only(root),
-            bound=self._ballot.bound,
-            bound_host=self._ballot.bound_host,
+        self._ballot, self._damaged, self.machine = release_io.machine_from_disk(
+            root, settings, host=self._host, can_join=self._token is not None, log=log
         )
-        if self.machine.agent_only:
-            log.event("agent_only", "notice",
-                      reason="k3s-agent.service is installed and k3s.service is not")  # fmt: skip
-
-    def _membership(self) -> Role | None:
-        """SERVER or AGENT when this node released before or holds k3s state (local.py)."""
-        return local.held_role(self._root, self._ballot.released)
-
-    def _rejoin(self) -> bool:
-        """Rule 8 (election.py): released as a joining server at an earlier boot (no release
-        marker this boot), and its etcd never started."""
-        marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
-        return (
-            not marker.exists() and self._ballot.released == "join-server"
-            and not k3s.etcd_initialized(self._root)
-            and k3s.membership(self._root) != k3s.Membership.AGENT
+        self._peers = PeerWatch(
+            settings, self.machine, log=log, metrics=metrics, state=state, woken=self._wake.set
         )
 
     async def _check_prerequisites(self) -> None:
@@ -180,7 +136,7 @@ class FormationRunner:
         self._publisher.on_established = self._established
         self._publisher.on_lost = self._lost
         await self._check_prerequisites()
-        self._spawn(self._browse())
+        self._spawn(self._peers.run(self._browse_factory))
         while True:
             if self._failure is not None:
                 raise self._failure
@@ -339,21 +295,14 @@ class FormationRunner:
         self._wake.set()
 
     async def _prove(self, advert: NodeAdvert) -> None:
-        expected = self._token.ca_hash if self._token is not None else None
-        result = None
-        # What the advert offers: TXT ip4 (else the resolved address), TXT ip6, the resolved.
-        for address in choose_address(advert.address, advert.ip6, advert.address, self._iface.name):
-            result = await wire_proof(
-                address, const.K3S_API_PORT, expected_ca_sha256=expected,
-                timeout=const.WIRE_PROOF_TIMEOUT, capture=self._settings.mdns.wire_proof == "on",
-                interface=self._iface.name,
-            )
-            if result.ok or result.reason == RefusalReason.CA_MISMATCH:
-                break
+        result = await prove_advert(
+            advert.address, advert.ip6, interface=self._iface.name,
+            expected_ca_sha256=self._token.ca_hash if self._token is not None else None,
+            capture=self._settings.mdns.wire_proof == "on",
+        )
         ok = result is not None and result.ok
         reason = result.reason.value if result is not None and result.reason else "no_address"
-        why = explain(result.reason, result.detail) if result is not None else (
-            "no address to dial in its advert")
+        why = explain(result.reason, result.detail) if result is not None else NO_ADDRESS
         if result is not None:
             self._metrics.wire_proof(result.ms_elapsed / 1000)
         if reason == RefusalReason.CA_MISMATCH:
@@ -373,7 +322,12 @@ class FormationRunner:
 
     async def _release(self, release: Release) -> None:
         # File work (with fsyncs: slow on an SD card) off the event loop.
-        await asyncio.to_thread(self._write_release, release)
+        leader = release.leader
+        self._ballot = await asyncio.to_thread(
+            release_io.write, self._root, release, settings=self._settings, iface=self._iface,
+            server_address=self._proven.get(leader.name, leader.address) if leader else None,
+            stored=self._ballot, damaged=self._damaged, log=self._log,
+        )
         elapsed = (time.monotonic() - self._started) * 1000
         agent = release.mode == "join-agent" or self.machine.member == Role.AGENT
         role = "agent" if agent else "server"
@@ -389,62 +343,6 @@ class FormationRunner:
         )
         if not agent:
             self._spawn(self._watch_local_api())
-
-    def _write_release(self, release: Release) -> None:
-        """The k3s drop-in (atomic, 0600) and the once-per-boot release marker."""
-        self._operator_config_notice()
-        if release.mode != "member":
-            leader = release.leader
-            address = self._proven.get(leader.name, leader.address) if leader else None
-            k3s.write_dropin(
-                self._root,
-                k3s.Release(
-                    mode=release.mode,
-                    server_url=k3s.api_url(address) if address else None,
-                    token=self._settings.token.reveal() if self._settings.token else None,
-                    node_labels=(f"sugarkube.io/cluster={self._settings.cluster}",),
-                ),
-            )
-        fresh = release.mode != "member"
-        record = dataclasses.replace(
-            self._ballot,
-            released=release.mode if fresh else self._ballot.released,
-            # What it joined under (checked at every start: local.settings_refusal), and where
-            # etcd's peers know it; a member released before these were kept records them now.
-            joined=self._ballot.joined if self._ballot.joined and not fresh
-            else local.joined_under(self._settings),
-            address=self._ballot.address if self._ballot.address and not fresh
-            else self._iface.ip4 or self._iface.ip6,
-        )
-        if record != self._ballot and not (self.machine.ineligible and not fresh):
-            # Released on disk: after a reboot this node is a member even if k3s never ran
-            # (a join cut short and made again as an agent is an agent from then on). A
-            # member's record is worth a line, never its release (nor a damaged ballot's file).
-            try:
-                ballot.save(self._root, record)
-                self._ballot = record
-            except ballot.BallotError as err:
-                if fresh:
-                    raise
-                self._log.event("ballot_not_saved", "warning", error=str(err))
-        marker = self._root / str(const.GATE_RELEASED_MARKER).lstrip("/")
-        with contextlib.suppress(OSError):
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(release.mode + "\n")
-
-    def _operator_config_notice(self) -> None:
-        """Say so when the operator's own k3s files already decide what our drop-in writes."""
-        try:
-            theirs = k3s.merged_config(self._root, include_ours=False)
-        except k3s.K3sConfigError as err:
-            self._log.event("operator_k3s_config_unreadable", "warning", error=str(err))
-            return
-        decided = sorted({"server", "cluster-init", "token"} & set(theirs))
-        if decided:
-            self._log.event(
-                "operator_k3s_config", "notice", keys=",".join(decided),
-                note="k3s merges config.yaml, then config.yaml.d/ in name order: later files win",
-            )
 
     async def _watch_local_api(self) -> None:
         delay = const.LOCAL_API_POLL
@@ -463,57 +361,13 @@ class FormationRunner:
             await asyncio.sleep(delay)
             delay = min(delay * 2, const.LOCAL_API_POLL_MAX)
 
-    # -- the browser --------------------------------------------------------------------------
-
-    async def _browse(self) -> None:
-        async with self._browse_factory() as browser:
-            async for event in browser:
-                record = event.record
-                if record is None:
-                    continue
-                change = self._table.gone(record) if event.kind == "removed" else (
-                    self._table.seen(record)
-                )
-                if change is None:
-                    continue
-                self._observe(change)
-                _log_change(self._log, change, event.ms_elapsed)
-                if change.kind == "added":
-                    self._metrics.discovery(event.ms_elapsed / 1000)
-                    self._state.snapshot.timings_ms.setdefault("discovery", event.ms_elapsed)
-                self._wake.set()
-
-    def _observe(self, change: Change) -> None:
-        now = time.monotonic()
-        peer = change.peer
-        if change.kind == "removed" or peer is None:
-            self.machine.advert_gone(now, change.name)
-            return
-        if change.kind == "ignored":
-            return
-        a = peer.advert
-        if a.servers and int(a.servers) != self._settings.servers:
-            if self._mismatched.get(a.host) != a.servers:
-                self._log.event("settings_mismatch", "warning", peer=a.host,
-                                peer_servers=a.servers, servers=self._settings.servers)  # fmt: skip
-            self._mismatched[a.host] = a.servers
-        else:
-            self._mismatched.pop(a.host, None)
-        self.machine.advert_seen(now, NodeAdvert(
-            change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote,
-            a.admit, int(a.members or 0), a.ip6,
-        ))
-
     # -- plumbing -----------------------------------------------------------------------------
 
     async def _publish_state(self) -> None:
         m = self.machine
         if self._wiped:
             return
-        peers = [
-            PeerInfo(p.name, p.advert.host, p.advert.role.value, p.advert.phase)
-            for p in self._table.peers if not p.local
-        ]
+        peers = self._peers.peers()
         snap = self._state.snapshot
         role = self._advertised_role()
         avahi = self._avahi.name.lower() if self._avahi is not None else "absent"
@@ -522,10 +376,9 @@ class FormationRunner:
             status = "avahi-daemon unavailable, retrying"
         if not self._link_up:
             status = f"link down on {self._iface.name}: waiting for the network"
-        status += self._status_note + self._moved_note() + "".join(
-            f"; {host} runs with servers={n}, this node {self._settings.servers}: set "
-            "SUGARKUBE_SERVERS alike on every node" for host, n in sorted(self._mismatched.items())
-        )
+        if m.member != Role.AGENT and role != Role.AGENT.value:
+            status += release_io.moved_note(self._ballot, self._iface)
+        status += self._status_note + self._peers.mismatch_note()
         new = (m.phase.value, status, role, peers, avahi)
         if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:
             self._metrics.phase(m.phase.value)
@@ -538,19 +391,6 @@ class FormationRunner:
             await self._state.update(
                 phase=m.phase.value, status=status, role=role, peers=peers, avahi=avahi
             )
-
-    def _moved_note(self) -> str:
-        """A server whose address is not the one it joined with: etcd's peers dial the old one
-        (home DHCP after a power cut hands out another lease)."""
-        joined_at = self._ballot.address
-        if not joined_at or self.machine.member == Role.AGENT or joined_at in (
-            self._iface.ip4, self._iface.ip6
-        ) or self._advertised_role() == Role.AGENT.value:
-            return ""
-        return (
-            "; this node's address changed since it joined: etcd's peers know it by the old "
-            "one (give it a fixed DHCP lease, or wipe and join it again)"
-        )
 
     def _advertised_role(self) -> str:
         return self._names[self._publisher.name].value if self._publisher.name in self._names else (
@@ -574,22 +414,3 @@ class FormationRunner:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _log_change(log: EventLog, change: Change, ms_elapsed: float) -> None:
-    if change.kind == "ignored":
-        log.event("record_ignored", "notice", name=change.name, reason=change.reason)
-        return
-    peer = change.peer
-    log.event(
-        f"peer_{change.kind}",
-        name=change.name,
-        host=peer.advert.host if peer else None,
-        target=peer.host if peer else None,
-        role=peer.advert.role.value if peer else None,
-        phase=peer.advert.phase if peer else None,
-        local=peer.local if peer else None,
-        reason=change.reason or None,
-        ms_elapsed=round(ms_elapsed),
-    )
-

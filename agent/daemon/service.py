@@ -26,10 +26,11 @@ from agent.avahi.publisher import Publisher
 from agent.config import ConfigError, Settings, load_settings
 from agent.daemon import local
 from agent.daemon.control import ControlServer, DaemonState
-from agent.daemon.formation import AdvertPublisher, BrowserFactory, FormationRunner
+from agent.daemon.formation import AdvertPublisher, FormationRunner
 from agent.daemon.metrics import Metrics, MetricsError, serve_metrics
 from agent.daemon.netlink import Interface, InterfaceError, choose_interface, watch_interface
 from agent.daemon.notify import Notifier
+from agent.daemon.peerwatch import BrowserFactory
 from agent.daemon.verifier import due_this_boot, run_verifier
 from agent.log import EventLog
 from agent.mdns.records import Role, service_type

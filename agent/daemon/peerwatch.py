@@ -1,0 +1,114 @@
+"""The browser's side of formation: Avahi's (or the live browser's) events become the peer
+table's changes, the machine's observations, log lines and metrics.
+
+What the browser lists is a hint, never proof of life (agent/cluster/view.py): the machine
+weighs it. A peer that advertises another `servers=` than this node is reported once per value
+(event settings_mismatch) and named in STATUS while it does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+
+from agent.cluster.election import Formation
+from agent.cluster.peers import Change, PeerTable
+from agent.cluster.view import NodeAdvert
+from agent.config import Settings
+from agent.daemon.control import DaemonState, PeerInfo
+from agent.daemon.metrics import Metrics
+from agent.log import EventLog
+from agent.mdns.records import BrowseEvent
+
+# A browser for this cluster's type: avahi/browser.py, or mdns/fallback.py's LiveBrowser.
+BrowserFactory = Callable[[], AbstractAsyncContextManager[AsyncIterator[BrowseEvent]]]
+
+
+class PeerWatch:
+    """Feeds the machine what the browser sees; knows the peers `status` lists."""
+
+    def __init__(
+        self, settings: Settings, machine: Formation, *, log: EventLog, metrics: Metrics,
+        state: DaemonState, woken: Callable[[], None],
+    ) -> None:  # fmt: skip
+        self._servers = settings.servers
+        self._machine = machine
+        self._log = log
+        self._metrics = metrics
+        self._state = state
+        self._woken = woken
+        self._table = PeerTable(settings.cluster, settings.env)
+        self._mismatched: dict[str, str] = {}  # peer host -> the other servers= it advertises
+
+    async def run(self, browse: BrowserFactory) -> None:
+        """Until cancelled: every browse event, observed."""
+        async with browse() as browser:
+            async for event in browser:
+                record = event.record
+                if record is None:
+                    continue
+                change = self._table.gone(record) if event.kind == "removed" else (
+                    self._table.seen(record)
+                )
+                if change is None:
+                    continue
+                self._observe(change)
+                _log_change(self._log, change, event.ms_elapsed)
+                if change.kind == "added":
+                    self._metrics.discovery(event.ms_elapsed / 1000)
+                    self._state.snapshot.timings_ms.setdefault("discovery", event.ms_elapsed)
+                self._woken()
+
+    def peers(self) -> list[PeerInfo]:
+        """The other nodes' adverts, as `status` shows them."""
+        return [
+            PeerInfo(p.name, p.advert.host, p.advert.role.value, p.advert.phase)
+            for p in self._table.peers if not p.local
+        ]
+
+    def mismatch_note(self) -> str:
+        """What STATUS adds for peers that run with another `servers`, else ""."""
+        return "".join(
+            f"; {host} runs with servers={n}, this node {self._servers}: set "
+            "SUGARKUBE_SERVERS alike on every node" for host, n in sorted(self._mismatched.items())
+        )
+
+    def _observe(self, change: Change) -> None:
+        now = time.monotonic()
+        peer = change.peer
+        if change.kind == "removed" or peer is None:
+            self._machine.advert_gone(now, change.name)
+            return
+        if change.kind == "ignored":
+            return
+        a = peer.advert
+        if a.servers and int(a.servers) != self._servers:
+            if self._mismatched.get(a.host) != a.servers:
+                self._log.event("settings_mismatch", "warning", peer=a.host,
+                                peer_servers=a.servers, servers=self._servers)  # fmt: skip
+            self._mismatched[a.host] = a.servers
+        else:
+            self._mismatched.pop(a.host, None)
+        self._machine.advert_seen(now, NodeAdvert(
+            change.name, a.host, a.role, a.key, a.ca, a.ip4 or peer.address, a.phase, a.vote,
+            a.admit, int(a.members or 0), a.ip6,
+        ))
+
+
+def _log_change(log: EventLog, change: Change, ms_elapsed: float) -> None:
+    if change.kind == "ignored":
+        log.event("record_ignored", "notice", name=change.name, reason=change.reason)
+        return
+    peer = change.peer
+    log.event(
+        f"peer_{change.kind}",
+        name=change.name,
+        host=peer.advert.host if peer else None,
+        target=peer.host if peer else None,
+        role=peer.advert.role.value if peer else None,
+        phase=peer.advert.phase if peer else None,
+        local=peer.local if peer else None,
+        reason=change.reason or None,
+        ms_elapsed=round(ms_elapsed),
+    )
