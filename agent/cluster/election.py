@@ -23,17 +23,11 @@ The rules, each with the fault it answers:
    that heard no cluster and no other bootstrapper (the higher of two gives way; with servers=1,
    where one node is a quorum, this is all that keeps two nodes that stood a moment apart from
    both releasing): a node whose advert left the wire re-proves it is visible.
-6. A server that a wire proof shows serving is joined, whatever the node's state; as a server
-   while fewer than `servers` servers exist, else as an agent. Server joins go one at a time
-   (etcd admits one learner at a time), admitted by the cluster: the lowest serving server
-   advertises `admit=` for the lowest live fresh node once no other server is starting,
-   joining or silent and its etcd holds no learner (joins.py, admission), and a server joiner
-   releases only when admitted.
+6. A server that a wire proof shows serving is joined, as a server while a slot is free, else
+   as an agent; server joins are admitted by the cluster one at a time (joining.py).
 7. A node that cannot run k3s (a blocking prerequisite fails) neither stands, votes nor binds.
-8. A node whose server join was cut short before its etcd started (a power cut in the seconds
-   between its release and etcd's first write) is no member: its k3s would ask etcd to add it
-   again, so it joins again, admitted like any joiner; it never stands nor votes (its disk
-   holds the cluster's CA: a cluster-init there would be a second etcd under the same CA).
+8. A node whose server join was cut short before its etcd started joins again, admitted like
+   any joiner, and never stands nor votes (joining.py).
 
 Why one cluster. Releasing cluster-init takes q supporters; each node supports at most one
 bootstrapper ever, because its promise is permanent (persisted across restarts) and a
@@ -58,7 +52,6 @@ bootstrappers it knows, and the live candidates with lower keys, number fewer th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from agent import const
 from agent.cluster import view as v
@@ -73,7 +66,9 @@ from agent.cluster.actions import (
     RunRound,
 )
 from agent.cluster.gate import AbsenceGate
+from agent.cluster.joining import JoinSteps
 from agent.cluster.joins import EtcdMembers, Joins
+from agent.cluster.phases import Phase, Timings
 from agent.cluster.view import NodeAdvert, View
 from agent.mdns.records import Role
 
@@ -83,44 +78,13 @@ __all__ = [  # the machine's vocabulary, for the runner, the tests and the simul
 ]
 
 
-class Phase(StrEnum):
-    """Where the node is in forming or joining the cluster."""
-
-    MEMBER = "member"  # held cluster state at start
-    DISCOVER = "discover"  # browsing and voting
-    ELECT = "elect"  # lowest key with a quorum of votes: absence rounds running
-    BOOTSTRAP = "bootstrap"  # stood: waiting for a quorum of supporters
-    BOUND = "bound"  # promised to a bootstrapper: waiting for a server to join
-    JOIN = "join"  # proving a server, or waiting for its turn to join it
-    INELIGIBLE = "ineligible"  # cannot run k3s here: does not stand
-    RELEASED = "released"  # gate released, k3s starting
-    SERVING = "serving"  # the local API answers
-
-
-@dataclass(frozen=True)
-class Timings:
-    """The machine's windows, in seconds; tests shrink them."""
-
-    settle: float = const.SETTLE_WINDOW
-    candidate_hold: float = const.CANDIDATE_HOLD
-    dead_hold: float = const.DEAD_SERVER_HOLD
-    live_ttl: float = const.LIVE_SEEN_TTL
-    bootstrap_retry: float = const.BOOTSTRAP_PROVE_RETRY
-    round_retry: float = const.ROUND_RETRY
-    join_order_wait: float = const.JOIN_ORDER_WAIT
-    learner_removal: float = const.LEARNER_REMOVAL
-    voter_settle: float = const.ETCD_VOTER_SETTLE
-    etcd_ttl: float = const.ETCD_INFO_TTL
-    stall_warn: float = const.JOIN_STALL_WARN
-
-
 def quorum(servers: int) -> int:
     """Supporters a bootstrapper needs, itself included: a majority of `servers`."""
     return servers // 2 + 1
 
 
 @dataclass
-class Formation:
+class Formation(JoinSteps):
     """The node's formation decisions; feed it observations, call step(now), do the actions."""
 
     host: str
@@ -387,80 +351,6 @@ class Formation:
             waited = now - self._unseen_since
             self._stall(actions, self.bound_host, "bootstrap node not seen", waited)
 
-    def _join(self, now: float, server: NodeAdvert, actions: list[Action]) -> None:
-        self.phase = Phase.JOIN
-        self._advertise_fresh(now, actions)
-        joined = self.joins.joined
-        if joined is not None and joined.name == server.name:
-            published = self._published_at
-            if published is None or self._heard_from <= max(self.joins.joined_at, published):
-                # Server or agent, and whose turn it is, are decided on the whole view, by a
-                # live round started once this node's own advert is on the wire and the proof
-                # passed: Avahi's browser may not have heard a joiner yet (a healed partition, a
-                # cold cache), and of two joiners deciding at once the later sees the earlier.
-                self.status = f"join: counting servers before joining {server.host}"
-                return
-            slot = not self.agent_only and self.joins.server_slot(self.view, now)
-            mode: ReleaseMode = "join-server" if slot else "join-agent"
-            if mode == "join-server" and self.joins.admitted(self.view, now) is None:
-                self.status = (
-                    f"join: waiting for {server.host} to admit this node as a server (it admits "
-                    f"{self.view.host_of(server.admit) or 'no one'} now; etcd admits one "
-                    "learner at a time)"
-                )
-                return
-            self._release(
-                now, actions, Release(mode, server), Phase.RELEASED,
-                f"joined https://{server.host}:6443",
-            )
-            return
-        if not self.can_join:
-            self.status = f"cannot join {server.host}: no token configured (SUGARKUBE_TOKEN)"
-            return
-        self.status = f"join: proving {server.host}:6443"
-        if self.joins.proving is None:
-            self.joins.proving = server.name
-            actions.append(Prove(server))
-
-    def _after_release(self, now: float, actions: list[Action]) -> None:
-        release = self.released
-        assert release is not None
-        leader = release.leader.host if release.leader is not None else self.host
-        vote = release.leader.key if release.leader is not None else self.key
-        if release.mode == "join-agent" or self.member == Role.AGENT:
-            self._advertise(actions, Advertise(Role.AGENT, v.SERVING, leader, vote=vote))
-            self.status = "agent: joined the cluster"
-            return
-        admit = ""
-        if self._local_ca is not None:
-            self.phase = Phase.SERVING
-            self.status = "serving: k3s API up on 6443"
-            # A server admits the next server joiner (joins.py, admission), from what live
-            # rounds hear while fresh nodes are about.
-            settled = now >= self._api_at + self.timings.voter_settle
-            admit = self.joins.admission(self.view, now, settled)
-            if (pace := self._admission_pace(now)) is not None:
-                self._keep_rounds(now, actions, pace)
-            if settled:
-                # `serving` tells server joiners it is their turn: etcd refuses a new member
-                # until every voter has been connected for its health interval, so a node that
-                # just became one says so only that much later (joins.py, admission).
-                etcd = self.joins.etcd_now(now)
-                self._advertise(actions, Advertise(
-                    Role.SERVER, v.SERVING, leader, self._local_ca, vote, admit,
-                    etcd.members if etcd is not None else 0,
-                ))
-                return
-        # Released, k3s starting: say so on the wire at once, and by an in-place TXT update
-        # where a rename (~1 s of probing, no advert) would hide that this node took a slot.
-        if release.mode == "join-server":
-            advert = Advertise(Role.CANDIDATE, v.JOINING, leader, vote=vote, admit=admit)
-        elif release.mode == "member":
-            advert = Advertise(Role.SERVER, v.STARTING, leader, self.ca_on_disk, vote, admit)
-        else:
-            advert = Advertise(Role.BOOTSTRAP, v.STARTING, leader, vote=vote, admit=admit)
-        self._advertise(actions, advert)
-
     # -- helpers ------------------------------------------------------------------------------
 
     def _bind_to(self, now: float, target: NodeAdvert | None, actions: list[Action]) -> None:
@@ -496,16 +386,6 @@ class Formation:
             self._round_due = now + max(self.timings.round_retry, pace)
             actions.append(RunRound())
 
-    def _admission_pace(self, now: float) -> float | None:
-        """How far apart a serving server runs live rounds to admit joiners, None for not at
-        all: back to back while a fresh node is listed, else slowly while a server slot is
-        free (Avahi's browser may never list a node heard again after a partition heals)."""
-        if self._local_ca is None:
-            return None
-        if self.joins.fresh_about(self.view, now):
-            return 0.0
-        return const.ADMISSION_IDLE_ROUND if self.joins.slot_free(self.view, now) else None
-
     def _advertise(self, actions: list[Action], advert: Advertise) -> None:
         if advert != self._advertised:
             if self._advertised is None or advert.role != self._advertised.role:
@@ -520,34 +400,3 @@ class Formation:
         if not self.joins.counts(advert):
             return False
         return advert.cluster_side or advert.bootstrapping
-
-    def _say_waiting(self, now: float, actions: list[Action]) -> None:
-        """While a known server does not serve yet, the status names it; stalls warn once.
-        A known server that claims to serve and failed its proof is named with the cause."""
-        if self.released is not None:
-            return
-        failed = self.joins.failed
-        if failed is not None and any(a.name == failed.advert.name for a in self.view.known(now)):
-            self.status += f"; {failed.advert.host} refused: {failed.reason}"
-        waiting = self.joins.waiting
-        if waiting is None:
-            return
-        advert, since, reason = waiting.advert, waiting.since, waiting.reason
-        if not any(a.name == advert.name for a in self.view.known(now)):
-            self.joins.waiting = None
-            return
-        waited = now - since
-        self.status = f"waiting for {advert.host} to serve (last proof: {reason})"
-        if waited >= self.timings.stall_warn:
-            self.status = f"waiting {int(waited // 60)} min for {advert.host} to serve " + (
-                f"(last proof: {reason})"
-            )
-            self._stall(actions, advert.host, reason, waited)
-
-    def _stall(self, actions: list[Action], host: str, reason: str, waited: float) -> None:
-        if not self._stalled:
-            self._stalled = True
-            actions.append(
-                Event("join_stalled", (("server", host), ("reason", reason), ("s_waited",
-                                                                              round(waited))))
-            )
