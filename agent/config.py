@@ -17,8 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from agent import const
-from agent.cluster import k3s
+from agent import const, tokens
 
 WireProof = Literal["auto", "on", "off"]
 
@@ -471,8 +470,8 @@ def _token(value: object) -> Secret:
     if any(c.isspace() or not c.isprintable() for c in token):
         raise _Invalid("holds spaces, line breaks or control characters; a k3s token has none")
     try:
-        k3s.parse_token(token)  # the rules k3s itself applies; its message never shows the token
-    except k3s.TokenError as err:
+        tokens.parse_token(token)  # the rules k3s itself applies; its message never shows the token
+    except tokens.TokenError as err:
         raise _Invalid(f"is not a token k3s accepts: {err}") from None
     return Secret(token)
 

@@ -16,24 +16,19 @@ from hypothesis import strategies as st
 from agent import const
 from agent.cluster import k3s
 from agent.cluster.k3s import (
-    CABundleError,
     K3sConfigError,
     K3sError,
     Membership,
     Release,
-    Token,
-    TokenError,
     api_url,
-    ca_hash,
-    format_token,
     membership,
     merged_config,
-    parse_token,
     remove_dropin,
     render_dropin,
     wipe_state,
     write_dropin,
 )
+from agent.tokens import CABundleError, Token, TokenError, ca_hash, format_token, parse_token
 
 # A self-signed EC cluster CA, as k3s makes one (CN k3s-server-ca@<unix time>).
 CA_PEM = b"""-----BEGIN CERTIFICATE-----
