@@ -111,7 +111,7 @@ ADMISSION_IDLE_ROUND = 5.0  # s between a serving server's live rounds while a s
 #   partition heals) is still heard and admitted
 ROUND_RETRY = 1.0  # s before a failed live round is asked for again (no address, sockets refused)
 
-# --- k3s files (agent/cluster/k3s.py; k3s pkg/clientaccess/token.go, pkg/configfilearg) ---
+# --- k3s files (agent/tokens.py: k3s pkg/clientaccess/token.go; cluster/k3s.py: configfilearg) ---
 K3S_K10_PREFIX = "K10"  # token.go tokenPrefix: starts `K10<ca hash>::<credentials>` tokens
 K3S_CA_HASH_HEX = 64  # chars; token.go caHashLength = sha256.Size * 2
 K3S_CONFIG_FILE_MAX = 1 << 20  # bytes; a k3s config file is a few KiB, the cap stops a runaway one

@@ -1,7 +1,7 @@
 """k3s's own files, read and written the way k3s reads them.
 
-Tokens are parsed by the rules of k3s `pkg/clientaccess/token.go` (parseToken, hashCA) and config
-files merged by those of `pkg/configfilearg/parser.go` (readConfigFile, dotDFiles, toSlice).
+Config files are merged by the rules of k3s `pkg/configfilearg/parser.go` (readConfigFile,
+dotDFiles, toSlice); join tokens, which config.py checks too, are parsed in `agent/tokens.py`.
 Every path is relative to an injectable `root` ("/" on a node, a temporary directory in tests).
 
 Membership: a node is a SERVER when `server/db` exists (k3s creates it for sqlite and etcd alike)
@@ -15,8 +15,6 @@ Our drop-in is one file among the operator's: we never write anything else under
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import json
 import os
@@ -32,6 +30,11 @@ from typing import Literal
 import yaml
 
 from agent import const
+from agent.tokens import CABundleError, ca_hash
+
+# Re-exported only for daemon/formation.py, which calls k3s.parse_token and is being changed on
+# another branch; it is to import agent.tokens instead, then this goes (issue 11, point 6).
+from agent.tokens import parse_token as parse_token  # noqa: PLC0414
 
 K3S_STATE = "var/lib/rancher/k3s"
 SERVER_DB = K3S_STATE + "/server/db"
@@ -48,9 +51,6 @@ UNIT_DIRS = ("etc/systemd/system", "run/systemd/system", "usr/local/lib/systemd/
              "usr/lib/systemd/system", "lib/systemd/system")  # fmt: skip
 SERVER_UNIT, AGENT_UNIT = "k3s.service", "k3s-agent.service"
 
-# kubeadm's BootstrapTokenPattern, which parseToken tries before user:password.
-_BOOTSTRAP_TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
-_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 # Ends in .tmp, not .yaml: k3s reads every *.yaml and *.yml in the drop-in directory, hidden or not.
 _TMP_SUFFIX = ".tmp"
 _HEADER = (
@@ -66,93 +66,8 @@ class K3sError(Exception):
     """A k3s file could not be read, written or removed; the message names the path."""
 
 
-class TokenError(K3sError, ValueError):
-    """A join token k3s would refuse; the message never contains the token."""
-
-
 class K3sConfigError(K3sError):
     """An operator's k3s config file k3s itself would refuse; one line naming the file."""
-
-
-class CABundleError(K3sError, ValueError):
-    """A /cacerts bundle whose hash cannot be computed the way k3s does."""
-
-
-@dataclass(frozen=True)
-class Token:
-    """A parsed k3s join token; repr and str never show the password."""
-
-    ca_hash: str | None  # the 64 characters after K10 exactly as written, secure tokens only
-    user: str | None  # None when the credentials carry no user name (bare password, ':pw')
-    password: str = field(repr=False)  # for a bootstrap token: the whole `<id>.<secret>`
-    bootstrap: bool = False  # kubeadm-style `<id>.<secret>`, sent as a bearer token
-
-    def secure(self) -> bool:
-        """True when the token pins the cluster CA (`K10<sha256>::...`)."""
-        return self.ca_hash is not None
-
-    def accepts_ca(self, cacerts_pem: bytes) -> bool:
-        """Whether k3s would trust this CA bundle with this token (no hash: trusts any, as k3s)."""
-        if self.ca_hash is None:
-            return True
-        try:
-            served = ca_hash(cacerts_pem)
-        except CABundleError:
-            return False
-        return hmac.compare_digest(self.ca_hash.encode(), served.encode())
-
-
-def parse_token(text: str) -> Token:
-    """Parse as k3s parseToken: `K10<hash>::<user>:<pw>`, a bare `<pw>`, `<id>.<secret>`."""
-    if not text:
-        raise TokenError("the k3s token is empty")
-    prefix = const.K3S_K10_PREFIX
-    if not text.startswith(prefix):
-        # A bare password becomes K10:::<pw> (empty hash, empty user), a bootstrap token K10::<t>.
-        text = prefix + ("::" if _BOOTSTRAP_TOKEN.fullmatch(text) else ":::") + text
-    rest = text[len(prefix) :]
-    digest = ""
-    if "::" in rest:
-        digest, rest = rest.split("::", 1)
-        # Go measures the length in bytes.
-        if digest and len(digest.encode("utf-8", "surrogatepass")) != const.K3S_CA_HASH_HEX:
-            raise TokenError(
-                f"the k3s token's CA hash is not {const.K3S_CA_HASH_HEX} characters long "
-                "(expected K10<sha256 hex>::<user>:<password>)"
-            )
-    ca = digest or None
-    if _BOOTSTRAP_TOKEN.fullmatch(rest):
-        return Token(ca, None, rest, bootstrap=True)
-    user, colon, password = rest.partition(":")
-    if not colon or not password:
-        raise TokenError(
-            "the k3s token has no password "
-            "(expected K10<sha256 hex>::<user>:<password> or a bare password)"
-        )
-    return Token(ca, user or None, password)
-
-
-def format_token(cacerts_pem: bytes, password: str, user: str = "server") -> str:
-    """The secure token k3s writes to server/token for this CA and password (FormatTokenBytes)."""
-    return f"{const.K3S_K10_PREFIX}{ca_hash(cacerts_pem)}::{user}:{password}"
-
-
-def ca_hash(cacerts_pem: bytes) -> str:
-    """Lowercase sha256 hex of a one-certificate CA bundle, its bytes exactly as served.
-
-    k3s hashes a single-certificate bundle as raw bytes (its self-signed cluster CA, the only
-    kind sugarkube creates). For a bundle with intermediates it hashes the DER of the verified
-    root, which needs an X.509 chain verifier this agent does not carry: CABundleError.
-    """
-    count = cacerts_pem.count(_PEM_CERT)
-    if count == 0:
-        raise CABundleError("the CA bundle holds no PEM certificate")
-    if count > 1:
-        raise CABundleError(
-            f"the CA bundle holds {count} certificates (a custom CA chain); "
-            "use a short token (password only) to join such a cluster"
-        )
-    return hashlib.sha256(cacerts_pem).hexdigest()
 
 
 class Membership(StrEnum):

@@ -2,7 +2,7 @@
 
 The proof is the one a k3s agent makes before it sends its token (k3s pkg/clientaccess/token.go,
 getCACerts): fetch `/cacerts` over TLS without verification, hash it with k3s' hashCA rule
-(`agent.cluster.k3s.ca_hash`), compare with the hash a secure `K10<sha256>::` token carries, then
+(`agent.tokens.ca_hash`), compare with the hash a secure `K10<sha256>::` token carries, then
 reconnect over TLS trusting only that bundle. Unlike k3s we never try the OS trust store first: a
 server whose certificate a public CA signed must still serve the CA the token names.
 
@@ -34,7 +34,7 @@ from typing import TypeVar
 from agent import const
 from agent.cluster.capture import Capture, describe, one_line
 from agent.cluster.httpresponse import HttpResponse, ResponseError, parse_response
-from agent.cluster.k3s import CABundleError, ca_hash
+from agent.tokens import CABundleError, ca_hash
 
 _T = TypeVar("_T")
 _USER_AGENT = "sugarkube-agent"

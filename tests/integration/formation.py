@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent import tokens
 from agent.cluster import k3s
 from tests.integration.helpers import PYTHON, Agent, node_env, parse_event, wait_for
 from tests.lab import Lab, Node
@@ -277,7 +278,7 @@ def ca_of(node: Node) -> str | None:
     path = {k3s.Membership.SERVER: CA_CERT, k3s.Membership.AGENT: AGENT_CA}.get(member)
     if path is None or not node.path("/" + path).is_file():
         return None
-    return k3s.ca_hash(node.path("/" + path).read_bytes())
+    return tokens.ca_hash(node.path("/" + path).read_bytes())
 
 
 def served_ca_of(node: Node) -> str | None:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from agent import tokens
 from agent.cluster import k3s
-from agent.cluster.k3s import Membership, Release, membership, parse_token, write_dropin
+from agent.cluster.k3s import Membership, Release, membership, write_dropin
+from agent.tokens import parse_token
 from tests.integration.formation import (
     RESTART_SEC,
     assert_one_cluster,
@@ -319,9 +321,9 @@ def test_seeded_ca_lets_the_first_server_take_a_secure_token(lab_factory, spawn)
     n1, n2 = lab_factory(2).nodes
     ca_pem, ca_key = new_ca()
     disk.seed_ca(n1.path("/"), ca_pem, ca_key)
-    secure = k3s.format_token(ca_pem, PASSWORD)
+    secure = tokens.format_token(ca_pem, PASSWORD)
     first = spawn(n1, Release("cluster-init", token=secure))
-    assert first.serving()["ca"] == k3s.ca_hash(ca_pem)
+    assert first.serving()["ca"] == tokens.ca_hash(ca_pem)
     other = spawn(n2, Release("cluster-init", token=secure))  # its own new CA: not the token's
     assert other.exit_code() == 1
     assert [e["reason"] for e in other.events("refused")] == ["ca_mismatch"]

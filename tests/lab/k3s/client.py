@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from agent.cluster import k3s
+from agent import tokens
 
 from .const import BODY_MAX, CLIENT_TIMEOUT
 from .events import Refused
@@ -75,7 +75,7 @@ class Trusted:
 
     url: str
     cacerts: bytes
-    token: k3s.Token
+    token: tokens.Token
 
     def call(
         self, path: str, payload: dict[str, Any], user: str, timeout: float = CLIENT_TIMEOUT
@@ -117,7 +117,7 @@ def trust(url: str, token_text: str | None) -> Trusted:
     """
     if token_text is None:
         raise Refused("no_token", "a token is required to join a server (k3s: --token)")
-    token = k3s.parse_token(token_text)
+    token = tokens.parse_token(token_text)
     try:
         status, cacerts = request(url, "GET", "/cacerts", unverified())
     except OSError as exc:

@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from agent import tokens
 from agent.cluster import k3s
 
 from .certs import issue, new_ca
@@ -100,13 +101,13 @@ class Cluster:
     @property
     def ca(self) -> str:
         """sha256 of the CA certificate, as tokens and adverts carry it."""
-        return k3s.ca_hash(self.ca_pem)
+        return tokens.ca_hash(self.ca_pem)
 
     def save(self, root: Path) -> None:
         """Write the CA, its key, server/token and the node-token link."""
         write(root / CA_CERT, self.ca_pem)
         write(root / CA_KEY, self.ca_key_pem, 0o600)
-        write(root / SERVER_TOKEN, k3s.format_token(self.ca_pem, self.password).encode(), 0o600)
+        write(root / SERVER_TOKEN, tokens.format_token(self.ca_pem, self.password).encode(), 0o600)
         link = root / NODE_TOKEN
         if not link.is_symlink():
             link.symlink_to("token")
@@ -118,12 +119,12 @@ class Cluster:
     def load(cls, root: Path) -> Cluster:
         """The cluster a restarting server belongs to; Refused when its files are missing."""
         try:
-            token = k3s.parse_token((root / SERVER_TOKEN).read_text().strip())
+            token = tokens.parse_token((root / SERVER_TOKEN).read_text().strip())
             etcd_ca = (root / ETCD_CA_CERT, root / ETCD_CA_KEY)
             etcd_pems = [p.read_bytes() for p in etcd_ca] if etcd_ca[0].exists() else [b"", b""]
             return cls((root / CA_CERT).read_bytes(), (root / CA_KEY).read_bytes(), token.password,
                        *etcd_pems)
-        except (OSError, k3s.TokenError) as exc:
+        except (OSError, tokens.TokenError) as exc:
             raise Refused("state_invalid", f"cannot restart from {root}: {exc}") from exc
 
     @classmethod
@@ -131,7 +132,7 @@ class Cluster:
         """A new cluster's secrets: CA (seeded or new) and the token's password (else random)."""
         password = secrets.token_hex(16)
         if token is not None:
-            parsed = k3s.parse_token(token)
+            parsed = tokens.parse_token(token)
             if parsed.bootstrap:
                 raise Refused("bad_token", "a bootstrap token cannot start a cluster")
             if not parsed.accepts_ca(ca[0]):

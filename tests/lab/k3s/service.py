@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent import tokens
 from agent.cluster import k3s
 
 from . import disk, etcd
@@ -197,7 +198,7 @@ class Server:
         root = self.s.root
         name = disk.member_name(root, self.s.name)  # k3s: setName, before anything else
         trusted = await trusted_server(url, token, self.s.join_timeout)
-        log("join_request", server=url, role="server", ca=k3s.ca_hash(trusted.cacerts))
+        log("join_request", server=url, role="server", ca=tokens.ca_hash(trusted.cacerts))
         boot = await asyncio.to_thread(
             trusted.call, "/v1-sugarkube/server-bootstrap", {"name": name}, "server"
         )
@@ -256,13 +257,13 @@ class Agent:
             if not url:
                 raise Refused("no_server", "an agent needs `server:` in its config (k3s: --server)")
             trusted = await trusted_server(str(url), token_of(self.config), self.s.join_timeout)
-            log("join_request", server=url, role="agent", ca=k3s.ca_hash(trusted.cacerts))
+            log("join_request", server=url, role="agent", ca=tokens.ca_hash(trusted.cacerts))
             reply: dict[str, Any] = await asyncio.to_thread(
                 trusted.call, "/v1-sugarkube/join", {"name": self.s.name, "role": "agent"}, "node"
             )
             disk.save_agent(root, trusted.cacerts, reply["client_cert"].encode(),
                             reply["client_key"].encode())  # fmt: skip
-            log("joined", name=self.s.name, role="agent", ca=k3s.ca_hash(trusted.cacerts))
+            log("joined", name=self.s.name, role="agent", ca=tokens.ca_hash(trusted.cacerts))
         await asyncio.Future()
 
     async def stop(self) -> None:
