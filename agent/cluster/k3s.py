@@ -30,11 +30,7 @@ from typing import Literal
 import yaml
 
 from agent import const
-from agent.tokens import CABundleError, ca_hash
-
-# Re-exported only for daemon/formation.py, which calls k3s.parse_token and is being changed on
-# another branch; it is to import agent.tokens instead, then this goes (issue 11, point 6).
-from agent.tokens import parse_token as parse_token  # noqa: PLC0414
+from agent.tokens import CABundleError, ca_hash, parse_token
 
 K3S_STATE = "var/lib/rancher/k3s"
 SERVER_DB = K3S_STATE + "/server/db"

@@ -47,6 +47,7 @@ from agent.mdns.records import (
     instance_name,
     service_type,
 )
+from agent.tokens import parse_token
 from agent.verify import prereq
 from agent.verify.probe import Probe
 
@@ -102,7 +103,7 @@ class FormationRunner:
         self._last_advertise: Advertise | None = None
         self._root = root
         self._stype = service_type(settings.cluster, settings.env)
-        self._token = k3s.parse_token(settings.token.reveal()) if settings.token else None
+        self._token = parse_token(settings.token.reveal()) if settings.token else None
         self._started = time.monotonic()
         self._wake = asyncio.Event()
         self._names: dict[str, Role] = {}  # instance names we published -> their role
