@@ -71,16 +71,19 @@ def stop_units(systemctl: str | None = None, booted: bool | None = None) -> str:
 def _systemctl(systemctl: str, *args: str) -> str:
     """Run systemctl; its stdout, or KillallError with its last line of stderr."""
     command = f"systemctl {' '.join(args)}"
+    return _run([systemctl, *args], const.WIPE_STOP_TIMEOUT, f"{command} did not finish",
+                f"{command} failed")  # fmt: skip
+
+
+def _run(argv: list[str], timeout: float, unfinished: str, failed: str) -> str:
+    """ARGV's stdout; KillallError `<unfinished>: <why>` or `<failed>: <its last stderr line>`."""
     try:
-        done = subprocess.run(
-            [systemctl, *args], capture_output=True, text=True,
-            timeout=const.WIPE_STOP_TIMEOUT, check=False,
-        )  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KillallError(f"{command} did not finish: {exc}") from exc
+        raise KillallError(f"{unfinished}: {exc}") from exc
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        raise KillallError(f"{command} failed: {last}")
+        raise KillallError(f"{failed}: {last}")
     return done.stdout.strip()
 
 
@@ -152,16 +155,8 @@ def k3s_mounts(root: Path) -> list[Path]:
 
 def umount(point: Path) -> None:
     """util-linux `umount -f`, as k3s-killall.sh runs it; KillallError with umount's words."""
-    try:
-        done = subprocess.run(
-            ["umount", "-f", str(point)], capture_output=True, text=True,
-            timeout=const.WIPE_UMOUNT_TIMEOUT, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise KillallError(f"cannot unmount {point}: {exc}") from exc
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        raise KillallError(f"cannot unmount {point}: {last}")
+    what = f"cannot unmount {point}"
+    _run(["umount", "-f", str(point)], const.WIPE_UMOUNT_TIMEOUT, what, what)
 
 
 def unmount_all(root: Path, run: Umount = umount) -> str:

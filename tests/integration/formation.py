@@ -227,6 +227,14 @@ class PiNode:
         return done
 
 
+def formed_member(node: Node, logs: Path) -> PiNode:
+    """NODE formed a single-server cluster, then its agent stopped (k3s keeps running)."""
+    pi = PiNode(node, logs, SUGARKUBE_SERVERS="1").start()
+    wait_formed([pi], 30)
+    assert pi.agent is not None and pi.agent.stop() == 0
+    return pi
+
+
 def form(lab: Lab, logs: Path, *, jitter: float, seed: int, **env: str) -> list[PiNode]:
     """Start every node of the lab within `jitter` s (random order), as powered-on Pis."""
     rng = random.Random(seed)

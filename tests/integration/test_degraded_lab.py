@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.formation import TOKEN, PiNode, wait_formed
+from tests.integration.formation import TOKEN, PiNode, formed_member, wait_formed
 from tests.integration.helpers import PYTHON, Agent, node_env, wait_for
 from tests.lab import Node
 
@@ -32,18 +32,10 @@ def _status(node: Node) -> dict[str, object]:
     return snapshot
 
 
-def _formed_member(lab_factory, tmp_path: Path) -> PiNode:
-    """One node that formed a single-server cluster, its agent stopped (k3s keeps running)."""
-    pi = PiNode(lab_factory(1).node(1), tmp_path, SUGARKUBE_SERVERS="1").start()
-    wait_formed([pi], 30)
-    assert pi.agent is not None and pi.agent.stop() == 0
-    return pi
-
-
 def test_a_member_whose_config_does_not_load_releases_and_starts_whole_on_reload(
     lab_factory, tmp_path: Path
 ) -> None:
-    pi = _formed_member(lab_factory, tmp_path)
+    pi = formed_member(lab_factory(1).node(1), tmp_path)
     node = pi.node
     config = node.path(CONFIG)
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +75,7 @@ def test_a_fresh_node_whose_config_does_not_load_still_exits_78(lab_factory, tmp
 def test_a_member_without_a_default_route_releases_then_forms_when_one_appears(
     lab_factory, tmp_path: Path
 ) -> None:
-    pi = _formed_member(lab_factory, tmp_path)
+    pi = formed_member(lab_factory(1).node(1), tmp_path)
     node = pi.node
     node.run("ip", "route", "del", "default", check=True)
     agent = Agent(node, tmp_path / "noroute.log",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.faults import wait_status
-from tests.integration.formation import TOKEN, PiNode, wait_formed
+from tests.integration.formation import TOKEN, PiNode, formed_member, wait_formed
 from tests.integration.helpers import PYTHON, Agent, avahi_browse, node_env, wait_for
 
 pytestmark = pytest.mark.lab
@@ -35,19 +35,11 @@ def test_a_joiner_whose_clock_is_behind_says_so_in_status(
     assert late.agent is not None and not late.agent.events("election_won")
 
 
-def _formed_member(lab, tmp_path: Path) -> PiNode:
-    """node1 formed a single-server cluster; its agent is stopped (k3s keeps running)."""
-    pi = PiNode(lab.node(1), tmp_path, SUGARKUBE_SERVERS="1").start()
-    wait_formed([pi], 30)
-    assert pi.agent is not None and pi.agent.stop() == 0
-    return pi
-
-
 def test_a_member_restarted_under_another_env_refuses_and_advertises_nothing(
     lab_factory, tmp_path: Path
 ) -> None:
     lab = lab_factory(2)
-    node = _formed_member(lab, tmp_path).node
+    node = formed_member(lab.node(1), tmp_path).node
     config = node.path("/etc/sugarkube/agent.yaml")
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("env: prod\nservers: 1\n")
@@ -74,7 +66,7 @@ def test_a_member_restarted_under_another_env_refuses_and_advertises_nothing(
 def test_a_server_whose_address_changed_since_it_joined_says_so(
     lab_factory, tmp_path: Path
 ) -> None:
-    node = _formed_member(lab_factory(1), tmp_path).node
+    node = formed_member(lab_factory(1).node(1), tmp_path).node
     old = f"{node.addr}/24"
     new = node.addr.rsplit(".", 1)[0] + ".201/24"
     node.run("ip", "addr", "add", new, "dev", "eth0", check=True)
