@@ -287,9 +287,9 @@ class Formation(JoinSteps):
         self.phase = Phase.ELECT
         settled = now >= self._published_at + self.timings.settle
         if not self._gate.passed or not settled:
+            needed = self._gate.rounds_needed  # counted on while the settle window runs
             self.status = (
-                f"elect: absence {self._gate.absent_rounds}/{self._gate.rounds_needed} "
-                f"for {self.stype}"
+                f"elect: absence {min(self._gate.absent_rounds, needed)}/{needed} for {self.stype}"
             )
             return
         actions.append(Event("election_won", (("key", self.key), ("votes", votes))))

@@ -6,6 +6,8 @@ targeted cases, one per rule, each written so that it fails without the rule.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -814,3 +816,16 @@ def test_a_server_that_answers_but_fails_its_proof_still_blocks_bootstrap_and_sa
     g.advert_seen(0.0, server)
     assert _failing(g, [], "unreachable", "timeout: no answer on 6443", 30.0)
     assert g.released == Release("single")
+
+
+def test_the_absence_count_in_status_never_passes_what_is_needed() -> None:
+    # Rounds go on counting while the settle window runs (a long one here): STATUS said 3/2.
+    f = Formation(host="a.local", key=KEY["1"], servers=1, stype="_k3s-sugar-dev._tcp",
+                  timings=dataclasses.replace(TIMINGS, settle=30.0))  # fmt: skip
+    statuses = set()
+    lan = Lan(f)
+    while lan.t < 25.0:
+        lan.run(lan.t + 0.25)
+        statuses.add(f.status)
+    assert "elect: absence 2/2 for _k3s-sugar-dev._tcp" in statuses
+    assert not any(s.startswith("elect: absence 3/") for s in statuses), statuses
