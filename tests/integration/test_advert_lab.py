@@ -57,7 +57,7 @@ def test_advert_seen_under_both_types_with_exact_txt(lab_factory, tmp_path: Path
                 Advert(  # alone, it votes for itself (election.py, rule 2)
                     cluster="sugar", env="dev", role=Role.CANDIDATE, phase="discover",
                     host="node1.local", leader="node1.local", ip4=node1.addr,
-                    ip6=node_ip6(node1), key=key, vote=key,
+                    ip6=node_ip6(node1), key=key, vote=key, servers="3",
                 )
             )
         ]
