@@ -172,7 +172,8 @@ def test_member_restart_releases_at_once_without_election(lab_factory, tmp_path:
     wait_formed([pi], 30)
     assert pi.agent is not None
     assert pi.agent.stop() == 0
-    again = Agent(lab.node(1), tmp_path / "again.log", env={"SUGARKUBE_TOKEN": TOKEN})
+    again = Agent(lab.node(1), tmp_path / "again.log",
+                  env={"SUGARKUBE_TOKEN": TOKEN, "SUGARKUBE_SERVERS": "1"})  # as it joined
     released = again.wait_event("gate_released", 10)
     assert released["mode"] == "member"
     assert int(released["ms_elapsed"]) < 1000
