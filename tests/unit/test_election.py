@@ -814,3 +814,35 @@ def test_a_server_that_answers_but_fails_its_proof_still_blocks_bootstrap_and_sa
     g.advert_seen(0.0, server)
     assert _failing(g, [], "unreachable", "timeout: no answer on 6443", 30.0)
     assert g.released == Release("single")
+
+
+def test_a_grant_taken_is_done_even_when_no_slot_was_free_to_see_it_taken() -> None:
+    # The last free slot's grantee joins, serves (no slot left), is wiped and comes back
+    # fresh under a new key: it is admitted once its old adverts are gone, not kept waiting
+    # for the old key's grant to lapse (order_wait after it was given; ~95 s in the wipe lab).
+    f, lan = _admitting(servers=3)
+    other = _ad("o.local", Role.SERVER, "4")
+    fresh = _ad("w.local", Role.CANDIDATE, "5")
+    for advert in (other, fresh):
+        f.advert_seen(0.0, advert)
+    lan.live = [other, fresh]
+    lan.run(7.0)
+    assert _admits(f) == KEY["5"]
+    joining = _ad("w.local", Role.CANDIDATE, "5", phase=v.JOINING)
+    f.advert_seen(lan.t, joining)
+    lan.live = [other, joining]
+    lan.run(20.0)
+    serving = _ad("w.local", Role.SERVER, "5")
+    f.advert_gone(lan.t, joining.name)
+    f.advert_seen(lan.t, serving)
+    lan.live = [other, serving]
+    lan.run(30.0)
+    assert _admits(f) == ""  # three servers of three
+    f.advert_gone(lan.t, serving.name)  # wiped: goodbye packets, its state and key gone
+    lan.live = [other]
+    lan.run(45.0)
+    again = _ad("w.local", Role.CANDIDATE, "8")
+    f.advert_seen(lan.t, again)
+    lan.live = [other, again]
+    lan.run(50.0)
+    assert _admits(f) == KEY["8"]
