@@ -160,21 +160,25 @@ class Joins:
         unless it is the only server, once it has `settled` (etcd's health interval). A grant
         stands until its node is seen to take it or `order_wait` passes, heard or not (a
         joiner's advert lost on the wire must not pass its turn to another); a node that let
-        its grant lapse comes after every other. A grant seen taken is done at once, admitting
-        or not: kept, it would outlive its node (wiped, back under a new key) and hold the
-        next joiner for the rest of `order_wait`; the joiner it let in is waited for as a
-        server (`_busy`) and by etcd's answer, not by its grant."""
+        its grant lapse comes after every other. A grant whose node is seen serving as a server
+        is done at once, admitting or not: kept while no slot is free, it would outlive its node
+        (wiped, back under a new key) and hold the next joiner for the rest of `order_wait`.
+        One seen only joining stands until admission opens: a learner gone silent, whose advert
+        this node then forgets (an avahi-daemon restart here), must still hold the next back."""
         if self._grant is not None and any(
-            a.ident == self._grant[0] and not a.fresh for a in view.known(now)
+            a.ident == self._grant[0] and a.role == Role.SERVER and a.phase == v.SERVING
+            for a in view.known(now)
         ):
             self._grant = None
         if not self._may_admit(view, now, settled):
             return ""
         if self._grant is not None:
             ident, key, since = self._grant
-            if now < since + self.order_wait:
+            taken = any(a.ident == ident and not a.fresh for a in view.known(now))
+            if not taken and now < since + self.order_wait:
                 return key
-            self._passed.add(ident)
+            if not taken:
+                self._passed.add(ident)
             self._grant = None
         fresh = sorted(self._fresh(view, now), key=lambda a: (a.ident in self._passed, a.key))
         if not fresh:
