@@ -394,9 +394,22 @@ def test_a_server_join_waits_until_a_server_admits_this_node() -> None:
         "join: waiting for s.local to admit this node as a server (it admits l.local now; "
         "etcd admits one learner at a time)"
     )
+    # A key it never saw (a node since gone, or unheard here) is said to be one, not no one.
+    unseen = _ad("u.local", Role.SERVER, "3", admit="7")
+    lan.live = [unseen, other]
+    f.advert_gone(lan.t, server.name)
+    f.advert_seen(lan.t, unseen)
+    lan.serving.add("u.local")
+    lan.run(80.0)
+    assert f.status == (
+        "join: waiting for u.local to admit this node as a server (it admits a node not seen "
+        "here now; etcd admits one learner at a time)"
+    )
     # Any server's admission will do: etcd has one learner slot, whichever server is asked.
+    lan.live = [server, other]
+    f.advert_seen(lan.t, server)
     f.advert_seen(lan.t, _ad("t.local", Role.SERVER, "2", admit="9"))
-    lan.run(62.0, stop=lambda f: f.released)
+    lan.run(82.0, stop=lambda f: f.released)
     assert f.released == Release("join-server", server)
 
 
