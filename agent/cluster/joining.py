@@ -83,10 +83,13 @@ class JoinSteps:
             slot = not self.agent_only and self.joins.server_slot(self.view, now)
             mode: ReleaseMode = "join-server" if slot else "join-agent"
             if mode == "join-server" and self.joins.admitted(self.view, now) is None:
+                # A key this node never saw (a node gone, or unheard here) is not "no one".
+                admits = self.view.host_of(server.admit) or (
+                    "a node not seen here" if server.admit else "no one"
+                )
                 self.status = (
                     f"join: waiting for {server.host} to admit this node as a server (it admits "
-                    f"{self.view.host_of(server.admit) or 'no one'} now; etcd admits one "
-                    "learner at a time)"
+                    f"{admits} now; etcd admits one learner at a time)"
                 )
                 return
             self._release(

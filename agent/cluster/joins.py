@@ -160,7 +160,16 @@ class Joins:
         unless it is the only server, once it has `settled` (etcd's health interval). A grant
         stands until its node is seen to take it or `order_wait` passes, heard or not (a
         joiner's advert lost on the wire must not pass its turn to another); a node that let
-        its grant lapse comes after every other."""
+        its grant lapse comes after every other. A grant whose node is seen serving as a server
+        is done at once, admitting or not: kept while no slot is free, it would outlive its node
+        (wiped, back under a new key) and hold the next joiner for the rest of `order_wait`.
+        One seen only joining stands until admission opens: a learner gone silent, whose advert
+        this node then forgets (an avahi-daemon restart here), must still hold the next back."""
+        if self._grant is not None and any(
+            a.ident == self._grant[0] and a.role == Role.SERVER and a.phase == v.SERVING
+            for a in view.known(now)
+        ):
+            self._grant = None
         if not self._may_admit(view, now, settled):
             return ""
         if self._grant is not None:

@@ -396,9 +396,22 @@ def test_a_server_join_waits_until_a_server_admits_this_node() -> None:
         "join: waiting for s.local to admit this node as a server (it admits l.local now; "
         "etcd admits one learner at a time)"
     )
+    # A key it never saw (a node since gone, or unheard here) is said to be one, not no one.
+    unseen = _ad("u.local", Role.SERVER, "3", admit="7")
+    lan.live = [unseen, other]
+    f.advert_gone(lan.t, server.name)
+    f.advert_seen(lan.t, unseen)
+    lan.serving.add("u.local")
+    lan.run(80.0)
+    assert f.status == (
+        "join: waiting for u.local to admit this node as a server (it admits a node not seen "
+        "here now; etcd admits one learner at a time)"
+    )
     # Any server's admission will do: etcd has one learner slot, whichever server is asked.
+    lan.live = [server, other]
+    f.advert_seen(lan.t, server)
     f.advert_seen(lan.t, _ad("t.local", Role.SERVER, "2", admit="9"))
-    lan.run(62.0, stop=lambda f: f.released)
+    lan.run(82.0, stop=lambda f: f.released)
     assert f.released == Release("join-server", server)
 
 
@@ -829,3 +842,35 @@ def test_the_absence_count_in_status_never_passes_what_is_needed() -> None:
         statuses.add(f.status)
     assert "elect: absence 2/2 for _k3s-sugar-dev._tcp" in statuses
     assert not any(s.startswith("elect: absence 3/") for s in statuses), statuses
+
+
+def test_a_grant_taken_is_done_even_when_no_slot_was_free_to_see_it_taken() -> None:
+    # The last free slot's grantee joins, serves (no slot left), is wiped and comes back
+    # fresh under a new key: it is admitted once its old adverts are gone, not kept waiting
+    # for the old key's grant to lapse (order_wait after it was given; ~95 s in the wipe lab).
+    f, lan = _admitting(servers=3)
+    other = _ad("o.local", Role.SERVER, "4")
+    fresh = _ad("w.local", Role.CANDIDATE, "5")
+    for advert in (other, fresh):
+        f.advert_seen(0.0, advert)
+    lan.live = [other, fresh]
+    lan.run(7.0)
+    assert _admits(f) == KEY["5"]
+    joining = _ad("w.local", Role.CANDIDATE, "5", phase=v.JOINING)
+    f.advert_seen(lan.t, joining)
+    lan.live = [other, joining]
+    lan.run(20.0)
+    serving = _ad("w.local", Role.SERVER, "5")
+    f.advert_gone(lan.t, joining.name)
+    f.advert_seen(lan.t, serving)
+    lan.live = [other, serving]
+    lan.run(30.0)
+    assert _admits(f) == ""  # three servers of three
+    f.advert_gone(lan.t, serving.name)  # wiped: goodbye packets, its state and key gone
+    lan.live = [other]
+    lan.run(45.0)
+    again = _ad("w.local", Role.CANDIDATE, "8")
+    f.advert_seen(lan.t, again)
+    lan.live = [other, again]
+    lan.run(50.0)
+    assert _admits(f) == KEY["8"]
