@@ -81,38 +81,25 @@ class Daemon:
     async def _startup(self) -> int | None:
         """Open every resource; an exit code when one cannot be had."""
         log = self.log
-        refusal = await asyncio.to_thread(local.settings_refusal, Path("/"), self.settings)
-        if refusal:  # a member configured for another cluster: its k3s runs, nothing else
-            role = await asyncio.to_thread(local.held_role, Path("/"))
-            assert role is not None  # a ballot with `joined` released
+        role = await asyncio.to_thread(local.held_role, Path("/"))
+        refusal = "" if role is None else await asyncio.to_thread(
+            local.settings_refusal, Path("/"), self.settings
+        )
+        if role is not None and refusal:  # a member set up for another cluster: its k3s runs
             log.event("settings_refused", "error", reason=refusal)
             fixed = asyncio.ensure_future(local.reloaded(self.config_path, self.hup, log))
-            listen = self.settings.metrics
-            await local.hold_released(
-                role, "config", refusal, log=log, notifier=self.notifier,
-                until=_first(fixed, self.stop.wait()), metrics_at=(listen.host, listen.port),
-            )
-            if not fixed.done() or fixed.cancelled():
+            if not await self._hold(role, "config", refusal, fixed):
                 return const.EXIT_OK  # SIGTERM while refusing
             self.settings = fixed.result()
         settings = self.settings
         try:
             self.iface = await asyncio.to_thread(choose_interface, settings.mdns.interface)
         except InterfaceError as err:
-            role = await asyncio.to_thread(local.held_role, Path("/"))
             log.event("interface_unusable", "error" if role is None else "warning", error=str(err))
             if role is None:
                 return const.EXIT_UNAVAILABLE  # a fresh node cannot form without one
             found = asyncio.ensure_future(self._interface_found())
-            try:
-                await local.hold_released(
-                    role, "interface", f"{err}; waiting for one", log=log, notifier=self.notifier,
-                    until=_first(found, self.stop.wait()),
-                    metrics_at=(settings.metrics.host, settings.metrics.port),
-                )
-            finally:
-                found.cancel()
-            if not found.done() or found.cancelled():
+            if not await self._hold(role, "interface", f"{err}; waiting for one", found):
                 return const.EXIT_OK  # SIGTERM while waiting
             self.iface = found.result()
         self.hostname = socket.gethostname()
@@ -222,6 +209,18 @@ class Daemon:
         for close in reversed(self._closers):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(close(), const.SHUTDOWN_GRACE)
+
+    async def _hold(self, role: Role, what: str, reason: str, task: asyncio.Future[Any]) -> bool:
+        """Released from local state (local.py) until `task` is done; False on SIGTERM."""
+        listen = self.settings.metrics
+        try:
+            await local.hold_released(
+                role, what, reason, log=self.log, notifier=self.notifier,
+                until=_first(task, self.stop.wait()), metrics_at=(listen.host, listen.port),
+            )
+        finally:
+            task.cancel()
+        return task.done() and not task.cancelled()
 
     async def _serve_metrics(self) -> bool:
         """The metrics endpoint; when it cannot bind, the daemon goes on without it (degraded:
