@@ -123,18 +123,21 @@ async def hold_released(
         phase="member", role=name, status=status, released=True, release_mode="member",
         release_role=name, degraded={what: reason},
     )
-    async def wiped() -> bool:
-        """`wipe`: the gate closes (no advert was published: nothing to withdraw)."""
-        await state.update(
-            released=False, release_mode="", release_role="", phase="wiped",
-            status="wiped: systemctl restart sugarkube-agent to form again",
-        )
-        return True
-
-    control = ControlServer(state, wipe=wiped)
     metrics = Metrics(__version__, "unknown", "unknown")
     metrics.gate_released(True)
     metrics.degraded(what, True)
+
+    async def wiped() -> bool:
+        """`wipe`: the gate closes (no advert was published: nothing to withdraw)."""
+        wiped_status = "wiped: systemctl restart sugarkube-agent to form again"
+        await state.update(
+            released=False, release_mode="", release_role="", phase="wiped", status=wiped_status
+        )
+        metrics.gate_released(False)
+        notifier.status(wiped_status)
+        return True
+
+    control = ControlServer(state, wipe=wiped)
     endpoint = None
     try:
         await control.start()
