@@ -110,7 +110,7 @@ async def wipe(settings: Settings, out_lines: list[str], root: Path = Path("/"))
 
 def _state(root: Path) -> str:
     removed = k3s.wipe_state(root)
-    marker = root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+    marker = ballot.marker(root)
     if marker.exists():
         marker.unlink()
         removed.append(str(const.GATE_RELEASED_MARKER))

@@ -51,6 +51,11 @@ def path(root: Path) -> Path:
     return root / str(const.BALLOT_FILE).lstrip("/")
 
 
+def marker(root: Path) -> Path:
+    """This boot's release marker under /run (a tmpfs: gone at a reboot), holding the mode."""
+    return root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+
+
 def load(root: Path) -> Ballot | None:
     """The ballot on disk, None when there is none; BallotError when it is unusable."""
     file = path(root)

@@ -44,7 +44,7 @@ def held_role(root: Path, released: str | None = None) -> Role | None:
         released = stored.released if stored is not None else ""
     mode = released
     with contextlib.suppress(OSError):
-        marked = (root / str(const.GATE_RELEASED_MARKER).lstrip("/")).read_text().strip()
+        marked = ballot.marker(root).read_text().strip()
         if marked not in ("", "member"):  # "member" says nothing of the role
             mode = marked
     held = k3s.membership(root)

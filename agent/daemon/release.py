@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from agent import const
 from agent.cluster import k3s
 from agent.cluster.actions import Release
 from agent.cluster.election import Formation
@@ -102,7 +101,7 @@ def write(
             if fresh:
                 raise
             log.event("ballot_not_saved", "warning", error=str(err))
-    marker = root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+    marker = ballot.marker(root)
     with contextlib.suppress(OSError):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(release.mode + "\n")
@@ -127,7 +126,7 @@ def operator_config_notice(root: Path, log: EventLog) -> None:
 def join_cut_short(root: Path, stored: ballot.Ballot) -> bool:
     """Rule 8 (election.py): released as a joining server at an earlier boot (no release
     marker this boot), and its etcd never started."""
-    marker = root / str(const.GATE_RELEASED_MARKER).lstrip("/")
+    marker = ballot.marker(root)
     return (
         not marker.exists() and stored.released == "join-server"
         and not k3s.etcd_initialized(root)
