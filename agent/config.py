@@ -39,6 +39,8 @@ from agent.configvalues import (
     _token_text,
     _wire_proof,
 )
+from agent.mdns.auth import AdvertKey
+from agent.tokens import parse_token
 
 __all__ = [
     "DEFAULT_CLUSTER",
@@ -94,6 +96,13 @@ class Settings:
     report_path: Path
     redact_addresses: bool
     source: Path | None  # the YAML file read, None when the default path did not exist
+
+    def advert_key(self) -> AdvertKey | None:
+        """The key adverts are signed and checked with; None without a token (nothing to derive
+        it from: such a node signs nothing and can tell no forged advert from a real one)."""
+        if self.token is None:
+            return None
+        return AdvertKey.derive(parse_token(self.token.reveal()).password, self.cluster, self.env)
 
 
 def load_settings(

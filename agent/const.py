@@ -36,6 +36,7 @@ SHUTDOWN_GRACE = 5.0  # s; withdraw adverts and stop within this; systemd's Time
 # --- mDNS records (agent/mdns/records.py) ---
 TXT_STRING_MAX = 255  # bytes per TXT string: one length octet (RFC 6763 §6.1)
 DNS_LABEL_MAX = 63  # bytes per DNS label, instance names too (RFC 1035 §2.3.4, RFC 6763 §4.1.1)
+ELECTION_KEY_HEX = 16  # hex digits of an election key (64 random bits; agent/daemon/ballot.py)
 
 # --- Verifier (agent/verify/) ---
 VERIFY_COMMAND_TIMEOUT = 10.0  # s; per tool run (timedatectl, nft, iptables, cloud-init, dbus-send)
@@ -161,6 +162,7 @@ LIVE_ROUND_QU = True  # unicast-response bit set (RFC 6762 §5.4): see agent/mdn
 LIVE_ROUND_START_TIMEOUT = 2.0  # s for the fresh instance's sockets to be on the loop (~1 ms here)
 LIVE_ROUND_CLOSE_TIMEOUT = 2.0  # s to wait for it to close; zeroconf's own close waits <= 1 s
 LIVE_ROUND_MAX_NAMES = 1024  # instances, and hosts with addresses, kept per round: flood bound
+IGNORED_MAX = 256  # adverts said once each in the journal as ignored; a flood only counts
 LIVE_ROUND_MAX_FOLLOWUP = 64  # instances asked about again per query; a cluster has a handful
 DNS_TYPE_A = 1  # RFC 1035 §3.2.2
 DNS_TYPE_PTR = 12  # RFC 1035 §3.2.2
@@ -171,6 +173,7 @@ DNS_FLAGS_QUERY = 0x0000  # QR=0, opcode 0: a standard query (RFC 6762 §18.2-18
 IP_MULTICAST_ALL = 49  # linux/in.h; 0 = a socket gets only the groups it joined, where it joined
 IPV6_MULTICAST_ALL = 29  # linux/in6.h (Linux 4.20): the same for IPv6 sockets
 GATE_TIMEOUT = 900.0  # s: `gate --timeout` default (systemd/k3s.service.d/10-sugarkube-gate.conf)
+SPLIT_BRAIN_MARKER = Path("/run/sugarkube/split-brain")  # two cluster CAs heard: the verifier fails
 VERIFIED_MARKER = Path("/run/sugarkube/verified")  # tmpfs: the daemon's verifier ran this boot
 VERIFIER_WAIT_FOR_K3S = 120.0  # s after the release to wait for k3s before verifying anyway
 

@@ -42,7 +42,7 @@ async def discover(settings: Settings, timeout: float, log: EventLog) -> tuple[l
             raise AvahiUnavailable(
                 "avahi-daemon is not running (nothing owns org.freedesktop.Avahi on the system bus)"
             )
-        table = PeerTable(settings.cluster, settings.env)
+        table = PeerTable(settings.cluster, settings.env, settings.advert_key())
         found: dict[str, Found] = {}
         stype = service_type(settings.cluster, settings.env)
         async with Browser(bus, stype, log) as browser:

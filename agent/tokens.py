@@ -85,6 +85,19 @@ def format_token(cacerts_pem: bytes, password: str, user: str = "server") -> str
     return f"{const.K3S_K10_PREFIX}{ca_hash(cacerts_pem)}::{user}:{password}"
 
 
+def pinned(text: str, ca_sha256: str) -> str:
+    """The token as k3s should carry it to a server proven to serve the CA hashing to CA_SHA256:
+    a short token gains the pin (`K10<ca>::server:<pw>`, the form k3s writes to server/token), so
+    that k3s itself refuses any other CA; a secure token stays as written."""
+    token = parse_token(text)
+    if token.secure():
+        return text
+    prefix = f"{const.K3S_K10_PREFIX}{ca_sha256}::"
+    if token.bootstrap:
+        return prefix + token.password
+    return f"{prefix}{token.user or 'server'}:{token.password}"
+
+
 def ca_hash(cacerts_pem: bytes) -> str:
     """Lowercase sha256 hex of a one-certificate CA bundle, its bytes exactly as served.
 

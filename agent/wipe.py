@@ -133,7 +133,11 @@ async def confirm_absent(stype: str, host: str, address: str) -> tuple[int, str]
         if due is not None and due > time.monotonic():
             await asyncio.sleep(due - time.monotonic())
         started = time.monotonic()
-        records = await wire.live_round(stype, interface_addr=address)
+        try:
+            records = await wire.live_round(stype, interface_addr=address, complete=True)
+        except wire.IncompleteRound:
+            gate.reset()  # what it did not hear proves nothing: start over
+            continue
         still = [r.name for r in records if _names_host(r, host)]
         gate.observe(started, bool(still))
     if gate.passed:

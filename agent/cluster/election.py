@@ -93,6 +93,7 @@ class Formation(JoinSteps):
     member: Role | None = None  # SERVER or AGENT when the node held cluster state at start
     ca_on_disk: str = ""  # a member's cluster CA hash, advertised before k3s serves it
     can_join: bool = True  # False without a token: k3s cannot join anything
+    authenticated: bool = False  # adverts carry a valid MAC (agent/mdns/auth.py): see Joins
     ineligible: str = ""  # why k3s cannot run here ("" when it can): the node does not stand
     rejoin: bool = False  # a server join cut short before etcd started: join again (rule 8)
     agent_only: bool = False  # only k3s-agent.service here: never stands, joins as an agent
@@ -123,7 +124,7 @@ class Formation(JoinSteps):
         self.view = View(self.key, v.Holds(t.candidate_hold, t.dead_hold, t.live_ttl))
         self.joins = Joins(
             self.key, self.servers, t.bootstrap_retry, t.dead_hold, t.join_order_wait,
-            t.learner_removal, t.etcd_ttl,
+            t.learner_removal, t.etcd_ttl, authenticated=self.authenticated,
         )
 
     @property

@@ -52,6 +52,9 @@ class EtcdMembers:
 # cluster exists and blocks bootstrapping even though this node cannot join it yet (this node's
 # clock behind the cluster's certificates, a Pi without an RTC battery before NTP syncs).
 ANSWERED = frozenset({"tls_error", "verify_failed", "bad_cacerts"})
+# A server not to give the token to: it serves another CA than the one pinned (the token's, else
+# the authenticated advert's `ca=`), or its advert pins none.
+REFUSED = frozenset({"ca_mismatch", "unauthenticated"})
 
 
 @dataclass
@@ -74,6 +77,11 @@ class Joins:
     order_wait: float  # s a server join waits at most for each one ahead of it
     learner_removal: float  # s after a joiner was last heard until k3s removed it if it died
     etcd_ttl: float  # s an answer of this server's etcd is acted on
+    # Adverts carry a valid MAC (a token is configured, agent/mdns/auth.py): a refused server is
+    # still a node of this cluster, whatever its address serves now, and keeps blocking a
+    # bootstrap; without one, a server serving another CA is someone else's and counts for
+    # nothing.
+    authenticated: bool = False
     proving: str | None = None  # instance name under proof
     joined: NodeAdvert | None = None  # the server whose proof passed
     joined_at: float = 0.0  # when
@@ -96,8 +104,11 @@ class Joins:
             self.joined, self.joined_at, self.waiting, self.failed = advert, now, None, None
             return Event("wire_proof_passed", (("server", advert.host),))
         why = why or reason or "refused"
-        if reason == "ca_mismatch":
-            self._refused.add(advert.name)
+        if reason in REFUSED:
+            if self.authenticated:
+                self._retry_at[advert.name] = now + self.dead_hold
+            else:
+                self._refused.add(advert.name)
             self.failed = Waiting(advert, now, why)
             return Event("join_refused", (("server", advert.host), ("reason", reason)))
         if advert.phase != v.SERVING:

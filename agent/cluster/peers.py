@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from agent.mdns.auth import AdvertKey, boot_order
 from agent.mdns.records import Advert, RecordError, ServiceRecord, parse_advert
 
 ChangeKind = Literal["added", "updated", "removed", "ignored"]
@@ -32,13 +33,16 @@ class Change:
 
 
 class PeerTable:
-    """Peers by instance name. Records of another cluster/env or unparsable TXT are ignored."""
+    """Peers by instance name. Records of another cluster/env, unparsable TXT, and with AUTH
+    those without a valid MAC or replayed from an older start of their node, are ignored."""
 
-    def __init__(self, cluster: str, env: str) -> None:
+    def __init__(self, cluster: str, env: str, auth: AdvertKey | None = None) -> None:
         self._cluster = cluster.lower()
         self._env = env.lower()
+        self._auth = auth
         self._peers: dict[str, Peer] = {}
         self._ignored: dict[str, str] = {}  # name -> reason, so each is reported once
+        self._starts: dict[str, int] = {}  # election key -> the latest start its adverts showed
 
     @property
     def peers(self) -> list[Peer]:
@@ -51,6 +55,8 @@ class PeerTable:
             advert = parse_advert(record.txt)
             if (advert.cluster, advert.env) != (self._cluster, self._env):
                 raise RecordError(f"advert for {advert.cluster}/{advert.env}")
+            if why := self.judge(record.name, record.port, record.txt, advert):
+                raise RecordError(why)
         except RecordError as err:
             return self._ignore(record.name, str(err))
         self._ignored.pop(record.name, None)
@@ -60,6 +66,22 @@ class PeerTable:
         if previous is not None and (previous.advert, previous.host) == (advert, record.host):
             return None  # only the address: the browser switched to the preferred protocol
         return Change("added" if previous is None else "updated", record.name, peer)
+
+    def judge(self, name: str, port: int, txt: tuple[bytes, ...], advert: Advert) -> str | None:
+        """Why an advert of this cluster must not count (`unauthenticated`, `replayed`), or None.
+
+        A MAC says who made an advert, not when: one from an older start of its node than
+        another seen here is a replay (agent/mdns/auth.py). Without a key, nothing is judged.
+        """
+        if self._auth is None:
+            return None
+        if self._auth.verify(name, port, txt):
+            return "unauthenticated"
+        start = boot_order(advert.boot)
+        if start < self._starts.setdefault(advert.key, start):
+            return "replayed"
+        self._starts[advert.key] = start
+        return None
 
     def gone(self, record: ServiceRecord) -> Change | None:
         """Apply a removal; None when the record was never a peer."""

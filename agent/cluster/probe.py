@@ -49,6 +49,7 @@ class RefusalReason(StrEnum):
     CA_MISMATCH = "ca_mismatch"
     BAD_CACERTS = "bad_cacerts"
     VERIFY_FAILED = "verify_failed"
+    UNAUTHENTICATED = "unauthenticated"  # nothing pins the CA: a short token, an advert without ca=
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ def choose_address(ip4: str, ip6: str, resolved: str, interface: str | None = No
 
 
 NO_ADDRESS = "no address to dial in its advert"  # why prove_advert found nothing to prove
+# Why a server is not proven at all: the token goes only to a CA pinned by it or by the advert.
+NO_CA = "its advert names no cluster CA (ca=), and a short token pins none: not joined"
 
 
 async def prove_advert(

@@ -17,10 +17,11 @@ changes with its role, and two nodes may share a host name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.mdns.records import RecordError, Role, normalize_host, parse_advert
+from agent.mdns.records import Advert, RecordError, Role, normalize_host, parse_advert
 
 if TYPE_CHECKING:  # wire.py imports zeroconf: the pure election need not load it
     from agent.mdns.wire import LiveRecord
@@ -239,17 +240,26 @@ def supporters(root: str, live: list[NodeAdvert]) -> set[str]:
     return found
 
 
-def to_node_adverts(records: list[LiveRecord], own_key: str) -> list[NodeAdvert]:
-    """Other nodes' adverts among a live round's records; unparsable TXT and our own key skipped.
+Judge = Callable[[str, int, tuple[bytes, ...], Advert], str | None]  # peers.PeerTable.judge
 
-    Our own advert is recognised by its election key, not its host name: two nodes may share
-    a host name.
+
+def to_node_adverts(
+    records: list[LiveRecord], own_key: str, judge: Judge | None = None
+) -> tuple[list[NodeAdvert], dict[str, str]]:
+    """Other nodes' adverts among a live round's records, and why the others were ignored, by
+    name: unparsable TXT, or what JUDGE says (no valid MAC, a replay). Our own advert is
+    skipped, recognised by its election key, not its host name: two nodes may share a host name.
     """
-    adverts = []
+    adverts: list[NodeAdvert] = []
+    ignored: dict[str, str] = {}
     for record in records:
         try:
             advert = parse_advert(record.txt)
-        except RecordError:
+        except RecordError as err:
+            ignored[record.name] = str(err)
+            continue
+        if judge is not None and (why := judge(record.name, record.port, record.txt, advert)):
+            ignored[record.name] = why
             continue
         if own_key and advert.key == own_key:
             continue
@@ -262,4 +272,4 @@ def to_node_adverts(records: list[LiveRecord], own_key: str) -> list[NodeAdvert]
                 members=int(advert.members or 0), ip6=advert.ip6,
             )
         )
-    return adverts
+    return adverts, ignored

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from agent import const
 
-_KEY = re.compile(r"[0-9a-f]{16}")
+_KEY = re.compile(rf"[0-9a-f]{{{const.ELECTION_KEY_HEX}}}")
 _MODES = ("", "member", "cluster-init", "single", "join-server", "join-agent")
 _MAX_BYTES = 4096
 _JOINED = re.compile(r"[^/\s]{1,63}/[^/\s]{1,16}/[0-9]{1,3}")
-_FIELDS = {"key", "bound", "bound_host", "released", "joined", "address"}
+_FIELDS = {"key", "bound", "bound_host", "released", "joined", "address", "starts"}
+_STARTS = re.compile(r"[0-9]{1,9}")
 
 
 class BallotError(Exception):
@@ -41,10 +42,11 @@ class Ballot:
     released: str = ""
     joined: str = ""  # "<cluster>/<env>/<servers>" it released under ("" before it did)
     address: str = ""  # its mDNS interface's address when it released (etcd peers know it)
+    starts: str = "0"  # agent starts with this key: the first half of `boot=` (agent/mdns/auth.py)
 
     @classmethod
     def new(cls) -> Ballot:
-        return cls(f"{secrets.randbits(64):016x}")
+        return cls(f"{secrets.randbits(4 * const.ELECTION_KEY_HEX):0{const.ELECTION_KEY_HEX}x}")
 
 
 def path(root: Path) -> Path:
@@ -79,6 +81,8 @@ def load(root: Path) -> Ballot | None:
             raise ValueError(f"unknown release mode {ballot.released[:20]!r}")
         if ballot.joined and not _JOINED.fullmatch(ballot.joined):
             raise ValueError("`joined` is not <cluster>/<env>/<servers>")
+        if not _STARTS.fullmatch(ballot.starts):
+            raise ValueError("`starts` is not a count")
         if ballot.address:
             ipaddress.ip_address(ballot.address.partition("%")[0])
     except (ValueError, TypeError) as err:

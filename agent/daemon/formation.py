@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -28,7 +29,14 @@ from agent.cluster.election import (
     Release,
     RunRound,
 )
-from agent.cluster.probe import NO_ADDRESS, RefusalReason, explain, prove_advert, wire_proof
+from agent.cluster.probe import (
+    NO_ADDRESS,
+    NO_CA,
+    RefusalReason,
+    explain,
+    prove_advert,
+    wire_proof,
+)
 from agent.cluster.view import NodeAdvert, to_node_adverts
 from agent.config import Settings
 from agent.daemon import ballot
@@ -39,6 +47,7 @@ from agent.daemon.netlink import Interface, InterfaceEvent
 from agent.daemon.peerwatch import BrowserFactory, PeerWatch
 from agent.log import EventLog, Level
 from agent.mdns import wire
+from agent.mdns.auth import boot_nonce
 from agent.mdns.records import (
     Advert,
     Advertisement,
@@ -104,10 +113,12 @@ class FormationRunner:
         self._root = root
         self._stype = service_type(settings.cluster, settings.env)
         self._token = parse_token(settings.token.reveal()) if settings.token else None
+        self._auth = settings.advert_key()
         self._started = time.monotonic()
         self._wake = asyncio.Event()
         self._names: dict[str, Role] = {}  # instance names we published -> their role
-        self._proven: dict[str, str] = {}  # server instance name -> the address that passed
+        # server instance name -> (the address that passed its proof, the CA it served)
+        self._proven: dict[str, tuple[str, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wiped = False
         self.released = asyncio.Event()  # the gate opened
@@ -117,8 +128,10 @@ class FormationRunner:
         self._ballot, self._damaged, self.machine = release_io.machine_from_disk(
             root, settings, host=self._host, can_join=self._token is not None, log=log
         )
+        self._boot = boot_nonce(int(self._ballot.starts), secrets.token_hex(4))
         self._peers = PeerWatch(
-            settings, self.machine, log=log, metrics=metrics, state=state, woken=self._wake.set
+            settings, self.machine, log=log, metrics=metrics, state=state, woken=self._wake.set,
+            root=root,
         )
 
     async def _check_prerequisites(self) -> None:
@@ -237,17 +250,19 @@ class FormationRunner:
             ip4=self._iface.ip4, ip6=self._iface.ip6, key=self.machine.key, ca=action.ca,
             vote=action.vote, admit=action.admit,
             members=str(action.members) if action.members else "",
-            servers=str(self._settings.servers),
+            servers=str(self._settings.servers), boot=self._boot,
         )
         name = instance_name(
             self._settings.cluster, self._settings.env, self._hostname, action.role
         )
         self._names[name] = action.role
+        txt = encode_txt(advert)
+        if self._auth is not None:
+            txt = self._auth.sign(name, const.K3S_API_PORT, txt)
         self._publisher.set(
             Advertisement(
                 name=name, stypes=(self._stype, const.HTTPS_SERVICE_TYPE),
-                port=const.K3S_API_PORT, txt=tuple(encode_txt(advert)),
-                interface=self._iface.index,
+                port=const.K3S_API_PORT, txt=tuple(txt), interface=self._iface.index,
             )
         )
 
@@ -271,19 +286,20 @@ class FormationRunner:
             self._wake.set()
             return
         try:
-            records = await wire.live_round(self._stype, interface_addr=self._iface.mdns_addr)
-        except Exception as err:  # a failed round is no evidence either way
+            records = await wire.live_round(
+                self._stype, interface_addr=self._iface.mdns_addr, complete=True
+            )
+        except Exception as err:  # a failed or incomplete round is no evidence either way
             self.machine.round_failed(time.monotonic())
             self._log.event("absence_round_failed", "warning", error=f"{type(err).__name__}: {err}")
         else:
             await asyncio.sleep(const.NETLINK_SETTLE)  # a link drop is reported this late
-            # A record heard without TXT cannot be judged: no evidence either way.
-            unknown = any(not r.txt for r in records)
-            if flaps != self._link_flaps or not self._link_up or unknown:
+            if flaps != self._link_flaps or not self._link_up:
                 self.machine.round_failed(time.monotonic())  # the link went down meanwhile
                 self._wake.set()
                 return
-            adverts = to_node_adverts(records, self.machine.key)
+            adverts, ignored = to_node_adverts(records, self.machine.key, self._peers.judge)
+            self._peers.ignored(ignored)
             if self.k3s_up.is_set():  # a server that may admit joiners: what etcd says too
                 counts = await asyncio.to_thread(k3s.local_members, self._root)
                 if counts is not None:
@@ -296,20 +312,28 @@ class FormationRunner:
         self._wake.set()
 
     async def _prove(self, advert: NodeAdvert) -> None:
-        result = await prove_advert(
-            advert.address, advert.ip6, interface=self._iface.name,
-            expected_ca_sha256=self._token.ca_hash if self._token is not None else None,
-            capture=self._settings.mdns.wire_proof == "on",
-        )
+        # The CA the token goes to: the token's own pin, else the authenticated advert's `ca=`.
+        pinned = self._token.ca_hash if self._token is not None else None
+        result = None
+        if pinned or advert.ca:
+            result = await prove_advert(
+                advert.address, advert.ip6, interface=self._iface.name,
+                expected_ca_sha256=pinned or advert.ca,
+                capture=self._settings.mdns.wire_proof == "on",
+            )
         ok = result is not None and result.ok
-        reason = result.reason.value if result is not None and result.reason else "no_address"
-        why = explain(result.reason, result.detail) if result is not None else NO_ADDRESS
+        reason = result.reason.value if result is not None and result.reason else (
+            RefusalReason.UNAUTHENTICATED if not (pinned or advert.ca) else "no_address"
+        )
+        why = explain(result.reason, result.detail) if result is not None else (
+            NO_CA if reason == RefusalReason.UNAUTHENTICATED else NO_ADDRESS
+        )
         if result is not None:
             self._metrics.wire_proof(result.ms_elapsed / 1000)
-        if reason == RefusalReason.CA_MISMATCH:
+        if reason in (RefusalReason.CA_MISMATCH, RefusalReason.UNAUTHENTICATED):
             self._metrics.join_refused(reason)
-        if ok and result is not None:
-            self._proven[advert.name] = result.address
+        if ok and result is not None and result.ca_sha256:
+            self._proven[advert.name] = (result.address, result.ca_sha256)
         event = self.machine.proof_done(time.monotonic(), advert, ok, "" if ok else reason, why)
         fields = dict(event.fields)
         if result is not None:
@@ -326,7 +350,7 @@ class FormationRunner:
         leader = release.leader
         self._ballot = await asyncio.to_thread(
             release_io.write, self._root, release, settings=self._settings, iface=self._iface,
-            server_address=self._proven.get(leader.name, leader.address) if leader else None,
+            server=self._proven.get(leader.name) if leader else None,
             stored=self._ballot, damaged=self._damaged, log=self._log,
         )
         elapsed = (time.monotonic() - self._started) * 1000
@@ -379,7 +403,8 @@ class FormationRunner:
             status = f"link down on {self._iface.name}: waiting for the network"
         if m.member != Role.AGENT and role != Role.AGENT.value:
             status += release_io.moved_note(self._ballot, self._iface)
-        status += self._status_note + self._peers.mismatch_note()
+        status += self._peers.split_note() + self._status_note + self._peers.mismatch_note()
+        status += self._peers.ignored_note()
         new = (m.phase.value, status, role, peers, avahi)
         if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:
             self._metrics.phase(m.phase.value)

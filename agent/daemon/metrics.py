@@ -47,6 +47,7 @@ _INDEX = b"sugarkube-agent: Prometheus metrics are at /metrics\n"
 
 
 DEGRADABLE = ("config", "interface", "metrics")  # what fails without holding the gate (local.py)
+IGNORED_REASONS = ("unauthenticated", "replayed", "unusable")  # peerwatch.PeerWatch.ignored
 
 
 class MetricsError(Exception):
@@ -113,6 +114,19 @@ class Metrics:
             "sugarkube_join_refused", "Servers refused at the wire proof, by reason.",
             ["reason"], registry=registry,
         )
+        self._ignored = Counter(
+            "sugarkube_adverts_ignored",
+            "Adverts of this cluster that never count, by reason: unauthenticated (no valid MAC), "
+            "replayed (from an older start of their node), unusable (TXT that cannot be read).",
+            ["reason"], registry=registry,
+        )
+        self._cas = Gauge(
+            "sugarkube_cluster_cas",
+            "Cluster CAs that authenticated adverts of this cluster/env name: above 1 is a split "
+            "brain (two clusters formed under one token).",
+            registry=registry,
+        )
+        self._cas.set(1)
         info = Info("sugarkube_agent", "The agent's version and cluster.", registry=registry)
         info.info({"version": version, "cluster": cluster, "env": env})
         ProcessCollector(registry=registry)  # RSS and CPU: /proc reads at scrape time only
@@ -126,6 +140,8 @@ class Metrics:
         for reason in RefusalReason:
             self._refused.labels(reason.value)
         self._reasons = {r.value for r in RefusalReason}
+        for ignored in IGNORED_REASONS:
+            self._ignored.labels(ignored)
         self._checks: set[str] = set()
         self._exposed = CollectorRegistry()
         self._exposed.register(_WithoutCreated(registry))
@@ -220,6 +236,16 @@ class Metrics:
                 reason = OTHER_REASON
             self._reasons.add(reason)
         self._refused.labels(reason).inc()
+        self._rendered = None
+
+    def cluster_cas(self, count: int) -> None:
+        """How many cluster CAs authenticated adverts name (1 when all agree, or none yet)."""
+        self._cas.set(count)
+        self._rendered = None
+
+    def advert_ignored(self, reason: str) -> None:
+        """Count one advert that must not count (one of IGNORED_REASONS)."""
+        self._ignored.labels(reason).inc()
         self._rendered = None
 
     def render(self) -> bytes:

@@ -8,16 +8,19 @@ weighs it. A peer that advertises another `servers=` than this node is reported 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
+from agent import const
 from agent.cluster.election import Formation
 from agent.cluster.peers import Change, PeerTable
 from agent.cluster.view import NodeAdvert
 from agent.config import Settings
 from agent.daemon.control import DaemonState, PeerInfo
-from agent.daemon.metrics import Metrics
+from agent.daemon.metrics import IGNORED_REASONS, Metrics
 from agent.log import EventLog
 from agent.mdns.records import BrowseEvent
 
@@ -30,7 +33,7 @@ class PeerWatch:
 
     def __init__(
         self, settings: Settings, machine: Formation, *, log: EventLog, metrics: Metrics,
-        state: DaemonState, woken: Callable[[], None],
+        state: DaemonState, woken: Callable[[], None], root: Path = Path("/"),
     ) -> None:  # fmt: skip
         self._servers = settings.servers
         self._machine = machine
@@ -38,8 +41,14 @@ class PeerWatch:
         self._metrics = metrics
         self._state = state
         self._woken = woken
-        self._table = PeerTable(settings.cluster, settings.env)
+        key = settings.advert_key()
+        self._authenticated = key is not None
+        self._table = PeerTable(settings.cluster, settings.env, key)
+        self.judge = self._table.judge
         self._mismatched: dict[str, str] = {}  # peer host -> the other servers= it advertises
+        self._ignored: dict[str, str] = {}  # instance name -> why, each said once (bounded)
+        self._root = root
+        self._split_shown = ""  # the split brain last said ("" none)
 
     async def run(self, browse: BrowserFactory) -> None:
         """Until cancelled: every browse event, observed."""
@@ -52,6 +61,9 @@ class PeerWatch:
                     self._table.seen(record)
                 )
                 if change is None:
+                    continue
+                if change.kind == "ignored":
+                    self.ignored({change.name: change.reason})
                     continue
                 self._observe(change)
                 _log_change(self._log, change, event.ms_elapsed)
@@ -66,6 +78,54 @@ class PeerWatch:
             PeerInfo(p.name, p.advert.host, p.advert.role.value, p.advert.phase)
             for p in self._table.peers if not p.local
         ]
+
+    def ignored(self, why: dict[str, str]) -> None:
+        """Adverts that must not count (browsed or heard in a live round): each logged and
+        counted once, up to IGNORED_MAX names (a flood is counted in the metric only)."""
+        for name, reason in why.items():
+            if self._ignored.get(name) == reason:
+                continue
+            self._metrics.advert_ignored(_reason_label(reason))
+            if name in self._ignored or len(self._ignored) < const.IGNORED_MAX:
+                self._ignored[name] = reason
+                self._log.event("record_ignored", "notice", name=name, reason=reason)
+
+    def ignored_note(self) -> str:
+        """What STATUS adds while adverts fail authentication, else ""."""
+        forged = sum(r in _UNTRUSTED for r in self._ignored.values())
+        return f"; ignoring {forged} advert(s) without a valid MAC (another token, or forged)" if (
+            forged) else ""
+
+    def split_brain(self) -> dict[str, list[str]]:
+        """The cluster CAs authenticated adverts name (ours included), hosts by CA hash, when
+        there are two or more: two clusters under one cluster/env and token. Without a token
+        anyone could forge a second CA, so nothing is said."""
+        if not self._authenticated:
+            return {}
+        cas: dict[str, list[str]] = {}
+        for p in self._table.peers:
+            if p.advert.ca:
+                cas.setdefault(p.advert.ca, []).append(p.advert.host)
+        return cas if len(cas) > 1 else {}
+
+    def split_note(self) -> str:
+        """What STATUS adds while two cluster CAs are advertised, and the alarm's side effects
+        (event, metric, the marker the verifier reads) when that changes."""
+        split = self.split_brain()
+        shown = "; ".join(f"CA {ca[:12]} on {', '.join(sorted(hosts))}"
+                          for ca, hosts in sorted(split.items()))  # fmt: skip
+        if shown != self._split_shown:
+            self._split_shown = shown
+            self._metrics.cluster_cas(len(split) or 1)
+            marker = self._root / str(const.SPLIT_BRAIN_MARKER).lstrip("/")
+            with contextlib.suppress(OSError):
+                if split:
+                    self._log.event("split_brain", "error", cas=len(split), where=shown)
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(shown + "\n")
+                else:
+                    marker.unlink(missing_ok=True)
+        return f"; SPLIT BRAIN: {len(split)} clusters advertised ({shown})" if split else ""
 
     def mismatch_note(self) -> str:
         """What STATUS adds for peers that run with another `servers`, else ""."""
@@ -96,10 +156,15 @@ class PeerWatch:
         ))
 
 
+_UNTRUSTED = IGNORED_REASONS[:2]  # PeerTable.judge's reasons
+
+
+def _reason_label(reason: str) -> str:
+    """A metric label for why an advert was ignored: judge's word, else `unusable`."""
+    return reason if reason in _UNTRUSTED else IGNORED_REASONS[2]
+
+
 def _log_change(log: EventLog, change: Change, ms_elapsed: float) -> None:
-    if change.kind == "ignored":
-        log.event("record_ignored", "notice", name=change.name, reason=change.reason)
-        return
     peer = change.peer
     log.event(
         f"peer_{change.kind}",

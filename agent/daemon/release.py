@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
+from agent import tokens
 from agent.cluster import k3s
 from agent.cluster.actions import Release
 from agent.cluster.election import Formation
@@ -37,6 +38,13 @@ def machine_from_disk(
         stored, damaged = None, str(err)
         log.event("ballot_damaged", "error", error=damaged)
     record = stored or ballot.Ballot.new()
+    if not damaged:
+        # Counted before the first advert: `boot=` of this start compares above every earlier one.
+        record = dataclasses.replace(record, starts=str(int(record.starts) + 1))
+        try:
+            ballot.save(root, record)
+        except ballot.BallotError as err:
+            log.event("ballot_unsaved", "warning", error=str(err))
     member = local.held_role(root, record.released)
     rejoin = join_cut_short(root, record)
     if rejoin:
@@ -50,6 +58,7 @@ def machine_from_disk(
         ca_on_disk=k3s.ca_on_disk(root) if member == Role.SERVER else "",
         stype=service_type(settings.cluster, settings.env),
         can_join=can_join,
+        authenticated=settings.token is not None,
         ineligible=damaged,
         rejoin=rejoin,
         agent_only=member is None and k3s.agent_only(root),
@@ -68,23 +77,28 @@ def write(
     *,
     settings: Settings,
     iface: Interface,
-    server_address: str | None,
+    server: tuple[str, str] | None,
     stored: ballot.Ballot,
     damaged: bool,
     log: EventLog,
 ) -> ballot.Ballot:
     """Write the release (drop-in, ballot record, marker); the ballot as it now stands.
 
-    `server_address` is where the joined server passed its proof. A member's record is worth a
-    line when it cannot be written, never its release; a damaged ballot's file is left alone.
+    `server` is (address, CA hash) where the joined server passed its proof: k3s joins that
+    address with the token pinned to that CA, so that it too refuses any other server (an
+    impostor that took the address since). A member's record is worth a line when it cannot be
+    written, never its release; a damaged ballot's file is left alone.
     """
     operator_config_notice(root, log)
     fresh = release.mode != "member"
     if release.mode != "member":
+        token = settings.token.reveal() if settings.token else None
+        if token is not None and server is not None:
+            token = tokens.pinned(token, server[1])
         k3s.write_dropin(root, k3s.Release(
             mode=release.mode,
-            server_url=k3s.api_url(server_address) if server_address else None,
-            token=settings.token.reveal() if settings.token else None,
+            server_url=k3s.api_url(server[0]) if server else None,
+            token=token,
             node_labels=(f"sugarkube.io/cluster={settings.cluster}",),
         ))  # fmt: skip
     record = dataclasses.replace(

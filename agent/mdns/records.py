@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Literal
 
-from agent.const import DNS_LABEL_MAX, TXT_STRING_MAX
+from agent.const import DNS_LABEL_MAX, ELECTION_KEY_HEX, TXT_STRING_MAX
+from agent.mdns.auth import BOOT_HEX
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +64,7 @@ class Advert:
     admit: str = ""  # a serving server: the key of the fresh node it admits to join as a server
     members: str = ""  # a serving server: etcd's members (voters and learners), "" unknown
     servers: str = ""  # the SUGARKUBE_SERVERS this node runs with ("" from older agents)
+    boot: str = ""  # this start's nonce (agent/mdns/auth.py): a replay of an older start shows
     v: int = SCHEMA_VERSION
 
 
@@ -98,12 +100,14 @@ _NAME_PART = re.compile(r"[a-z0-9_-]+")
 _VERSION = re.compile(r"[0-9]{1,9}")  # ASCII digits: int() also takes "+1", "1_0", non-ASCII digits
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _COUNT = re.compile(r"[0-9]{1,3}")
+_ELECTION_KEY = re.compile(rf"[0-9a-f]{{{ELECTION_KEY_HEX}}}")
+_BOOT = re.compile(rf"[0-9a-f]{{{BOOT_HEX}}}")
 _REQUIRED = ("cluster", "env", "role")
 # DESIGN.md §A: the bash scripts' keys, then ours from v on.
 _TXT_ORDER = (
     "k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca",
-    "vote", "admit", "members", "servers",
-)
+    "vote", "admit", "members", "servers", "boot",
+)  # then mac=, which agent/mdns/auth.py appends
 
 
 def _show(text: str) -> str:
@@ -219,11 +223,27 @@ def _ca_value(text: str) -> str:
     return lowered
 
 
+def _fixed_hex(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
+    """A rule for a fixed-length lowercase hex value ("" for none)."""
+
+    def canonical(text: str) -> str:
+        lowered = text.lower()
+        if lowered and not pattern.fullmatch(lowered):
+            raise ValueError(f"not {what}")
+        return lowered
+
+    return canonical
+
+
 # Per-key rules after the generic cleaning: the canonical value, or ValueError(why) to drop it.
 _FIELD_RULES: dict[str, Callable[[str], str]] = {
     "cluster": str.lower, "env": str.lower, "role": str.lower,
     "host": _host_value, "leader": _host_value, "ip4": _ip_value(4), "ip6": _ip_value(6),
     "v": _version_value, "ca": _ca_value, "members": _count_value, "servers": _count_value,
+    "key": _fixed_hex(_ELECTION_KEY, f"{ELECTION_KEY_HEX} hex digits"),
+    "vote": _fixed_hex(_ELECTION_KEY, f"{ELECTION_KEY_HEX} hex digits"),
+    "admit": _fixed_hex(_ELECTION_KEY, f"{ELECTION_KEY_HEX} hex digits"),
+    "boot": _fixed_hex(_BOOT, f"{BOOT_HEX} hex digits"),
 }
 _FALLBACK = {"v": str(SCHEMA_VERSION)}  # what a dropped value reads as; "" otherwise
 
@@ -305,7 +325,7 @@ def parse_advert(items: Iterable[bytes]) -> Advert:
         ip6=values.get("ip6", ""), key=values.get("key", ""), ca=values.get("ca", ""),
         vote=values.get("vote", ""), admit=values.get("admit", ""),
         members=values.get("members", ""), servers=values.get("servers", ""),
-        v=int(values.get("v", SCHEMA_VERSION)),
+        boot=values.get("boot", ""), v=int(values.get("v", SCHEMA_VERSION)),
     )
 
 
@@ -321,7 +341,8 @@ def _canonical(advert: Advert) -> Advert:
     return replace(
         advert, cluster=norm("cluster"), env=norm("env"), host=norm("host"),
         leader=norm("leader"), ip4=norm("ip4"), ip6=norm("ip6"), ca=norm("ca"),
-        members=norm("members"), servers=norm("servers"),
+        members=norm("members"), servers=norm("servers"), key=norm("key"), vote=norm("vote"),
+        admit=norm("admit"), boot=norm("boot"),
     )
 
 

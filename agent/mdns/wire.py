@@ -64,6 +64,11 @@ class WireError(Exception):
     """A live round could not ask the wire; it is no evidence either way. One line, safe to log."""
 
 
+class IncompleteRound(WireError):
+    """A round that heard more than it could keep, or instances it could not resolve: what it
+    did not hear is no evidence of absence (a flood of forged names must not hide a server)."""
+
+
 @dataclass(frozen=True)
 class LiveRecord:
     """One service instance heard on the wire during a round."""
@@ -111,6 +116,7 @@ class RoundCollector:
         self._srv: dict[str, tuple[str, int]] = {}  # full-name key -> (target, port)
         self._txt: dict[str, bytes] = {}  # full-name key -> TXT rdata
         self._addresses: dict[str, dict[str, None]] = {}  # host key -> addresses, ordered
+        self.capped = False  # something heard was not kept: LIVE_ROUND_MAX_NAMES reached
 
     def _instance(self, full_name: str) -> tuple[str, str] | None:
         """(key, instance name) when full_name is "<instance>.<stype>.local.", else None."""
@@ -148,7 +154,10 @@ class RoundCollector:
         elif goodbye:  # the PTR's goodbye: the instance is leaving
             self._instances.pop(key, None)
         # An SRV or TXT owned by "<instance>.<stype>.local." is as live as the PTR naming it.
-        if goodbye or key in self._instances or len(self._instances) >= const.LIVE_ROUND_MAX_NAMES:
+        if goodbye or key in self._instances:
+            return None
+        if len(self._instances) >= const.LIVE_ROUND_MAX_NAMES:
+            self.capped = True
             return None
         self._instances[key] = name
         return name
@@ -159,6 +168,8 @@ class RoundCollector:
             table.pop(key, None)
         elif key in table or len(table) < const.LIVE_ROUND_MAX_NAMES:
             table[key] = value
+        else:
+            self.capped = True
 
     def _address(self, record: DNSAddress, goodbye: bool) -> None:
         text = _address_text(record)
@@ -183,6 +194,15 @@ class RoundCollector:
             if key not in self._txt:
                 questions.append(DNSQuestion(full_name, const.DNS_TYPE_TXT, const.DNS_CLASS_IN))
         return questions
+
+    def incomplete(self) -> str | None:
+        """Why this round cannot stand as evidence of absence, or None."""
+        if self.capped:
+            return f"over {const.LIVE_ROUND_MAX_NAMES} names heard: the round could not keep all"
+        unresolved = sum(k not in self._srv or k not in self._txt for k in self._instances)
+        if unresolved:
+            return f"{unresolved} instance(s) heard without their SRV or TXT record"
+        return None
 
     def records(self) -> list[LiveRecord]:
         """Every instance heard and not said goodbye to, in the order first heard."""
@@ -319,12 +339,15 @@ async def live_round(
     interface_addr: str,
     window: float = const.LIVE_ROUND_WINDOW,
     on_heard: Callable[[str], None] | None = None,
+    complete: bool = False,
 ) -> list[LiveRecord]:
     """Ask the wire who advertises stype right now; every record seen within window.
 
     Never consults a cache. on_heard(instance name) is called on the loop as each instance is
     first heard (it must not raise). WireError when the question cannot be sent on
-    interface_addr; cancellation propagates, after the sockets are closed.
+    interface_addr; with `complete` (a round that may count as absence), IncompleteRound when
+    the round hit a cap or left an instance unresolved. Cancellation propagates, after the
+    sockets are closed.
     """
     if not _STYPE.fullmatch(stype) or len(stype.partition(".")[0].encode()) > const.DNS_LABEL_MAX:
         raise WireError(f"{stype!r} is not a DNS-SD service type like _name._tcp")
@@ -346,4 +369,6 @@ async def live_round(
         if questions := collector.missing():
             zc.async_send(_query(questions))
         await asyncio.sleep(start + window - loop.time())
+    if complete and (why := collector.incomplete()):
+        raise IncompleteRound(why)
     return collector.records()

@@ -14,7 +14,7 @@ from functools import partial
 
 from agent import const
 from agent.verify import parse, plugins
-from agent.verify.mdns import avahi_dbus, hostname_unique, mdns_advertised
+from agent.verify.mdns import avahi_dbus, hostname_unique, mdns_advertised, single_cluster
 from agent.verify.probe import CommandResult, Probe
 from agent.verify.result import (
     CheckFailed,
@@ -303,6 +303,7 @@ BUILTIN_CHECKS: tuple[tuple[str, Callable[[Probe], Verdict]], ...] = (
     ("swap_off", swap_off),
     ("ip_forward", ip_forward),
     ("boot_media", boot_media),
+    ("single_cluster", single_cluster),  # ours, after the runbook's: issue 12's split-brain alarm
 )
 
 

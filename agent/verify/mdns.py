@@ -109,3 +109,17 @@ def hostname_unique(probe: Probe) -> Verdict:
     if address in local or published == name:
         return passed(f"{name} resolves to {address}, this host's")
     raise Unavailable(f"{name} resolves to {address}; cannot tell whether that is this host")
+
+
+def single_cluster(probe: Probe) -> Verdict:
+    """The daemon hears one cluster CA at most in authenticated adverts of this cluster/env
+    (agent/daemon/peerwatch.py writes its split-brain alarm where this reads it)."""
+    alarm = probe.read_optional(str(const.SPLIT_BRAIN_MARKER))
+    if alarm is None:
+        if not probe.file(str(const.CONTROL_SOCKET)).exists():
+            raise Unavailable("sugarkube-agent is not running: it alone can check the adverts")
+        return passed("no second cluster CA advertised under this cluster/env")
+    return failed(
+        f"split brain: {alarm.strip()}; keep the cluster that holds the workloads and run "
+        "`sugarkube-agent wipe --yes` on the nodes of the other"
+    )

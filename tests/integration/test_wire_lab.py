@@ -80,10 +80,10 @@ def test_a_round_hears_the_publisher_with_srv_txt_and_address(lab_factory, tmp_p
     assert (record.stype, record.host, record.port) == (K3S, "node1.local", 6443)
     assert [t.decode() for t in record.txt] == TXT  # in wire order
     assert record.addresses[0] == node1.addr
-    assert to_node_adverts([record], own_key="00ff") == [
+    assert to_node_adverts([record], own_key="00000000000000ff")[0] == [
         NodeAdvert(name=record.name, host="node1.local", role=Role.SERVER, address=node1.addr)
     ]
-    assert to_node_adverts([record], "") == to_node_adverts([record], "0000")  # no key in TXT
+    assert to_node_adverts([record], "") == to_node_adverts([record], "0" * 16)  # no key in TXT
 
 
 def test_a_dead_server_stays_in_avahis_cache_but_is_not_heard(lab_factory, tmp_path: Path) -> None:
@@ -153,14 +153,17 @@ def test_rounds_are_heard_through_five_percent_loss(lab_factory, tmp_path: Path)
 def test_our_own_advert_is_heard_and_to_node_adverts_drops_it(lab_factory, tmp_path: Path) -> None:
     lab = lab_factory(2)
     node1, node2 = lab.node(1), lab.node(2)
-    publish(node1, "k3s-sugar-dev@node1.local (server)", tmp_path / "publish1.log", "key=0011")
-    publish(node2, "k3s-sugar-dev@node2.local (server)", tmp_path / "publish2.log", "key=0022")
+    publish(node1, "k3s-sugar-dev@node1.local (server)", tmp_path / "publish1.log",
+            "key=0000000000000011")  # fmt: skip
+    publish(node2, "k3s-sugar-dev@node2.local (server)", tmp_path / "publish2.log",
+            "key=0000000000000022")  # fmt: skip
     (line,) = probe(node2)
     records = records_of(line)
     assert sorted(r.name for r in records) == [
         "k3s-sugar-dev@node1.local (server)", "k3s-sugar-dev@node2.local (server)",
     ]
-    assert [a.host for a in to_node_adverts(records, own_key="0022")] == ["node1.local"]
+    adverts, _ = to_node_adverts(records, own_key="0000000000000022")
+    assert [a.host for a in adverts] == ["node1.local"]
 
 
 def test_junk_on_the_wire_does_not_break_a_round(lab_factory, tmp_path: Path) -> None:
@@ -186,7 +189,8 @@ def test_junk_on_the_wire_does_not_break_a_round(lab_factory, tmp_path: Path) ->
         # "bad.<type>" (its TXT cut short) and "junk-from-..." (a bare PTR) are instances of the
         # type too, with no usable TXT: heard, but no advert.
         assert {"bad", f"junk-from-{node3.addr}"} <= set(names(line))
-        assert [a.name for a in to_node_adverts(records_of(line), own_key="00ff")] == [
+        adverts, _ = to_node_adverts(records_of(line), own_key="00000000000000ff")
+        assert [a.name for a in adverts] == [
             "k3s-sugar-dev@node1.local (server)"
         ]
 

@@ -72,7 +72,7 @@ def test_the_file_is_json_an_operator_can_read(tmp_path: Path) -> None:
     ballot.save(tmp_path, Ballot("00112233445566aa"))
     raw = json.loads((tmp_path / str(const.BALLOT_FILE).lstrip("/")).read_text())
     assert raw == {"key": "00112233445566aa", "bound": "", "bound_host": "", "released": "",
-                   "joined": "", "address": ""}  # fmt: skip
+                   "joined": "", "address": "", "starts": "0"}  # fmt: skip
 
 
 def test_what_a_member_joined_under_round_trips_and_a_damaged_record_is_refused(

@@ -107,6 +107,7 @@ class Lan:
     def __init__(self, f: Formation, live: list[NodeAdvert] | None = None) -> None:
         self.f, self.live, self.t = f, live or [], 0.0
         self.serving: set[str] = set()
+        self.refusal = "refused"  # the reason a proof of a host not serving fails with
         self.actions: list[object] = []
 
     def run(self, until: float, stop: object = None) -> list[object]:
@@ -120,7 +121,7 @@ class Lan:
                     self.f.published(self.t, action.role)
                 if isinstance(action, Prove):
                     ok = action.advert.host in self.serving
-                    self.f.proof_done(self.t, action.advert, ok, "" if ok else "refused")
+                    self.f.proof_done(self.t, action.advert, ok, "" if ok else self.refusal)
             self.t += 0.25
         return self.actions
 
@@ -531,6 +532,20 @@ def test_ca_mismatch_is_refused_for_good_and_unreachable_held_down() -> None:
     assert Prove(dead) not in f.step(2.0)
     assert f.phase in (Phase.DISCOVER, Phase.ELECT)  # a dead server does not block the election
     assert Prove(dead) in f.step(11.2)  # retried after the hold-down
+
+
+def test_an_authenticated_server_refused_keeps_blocking_a_bootstrap_and_is_proven_again() -> None:
+    """With authenticated adverts a refused server is a node of this cluster whatever its
+    address serves now (an impostor took it): it is retried, and no second cluster starts."""
+    f = _node(authenticated=True, servers=1)
+    server = _ad("b.local", Role.SERVER, "1", ca="c" * 64)
+    f.advert_seen(0.0, server)
+    lan = Lan(f, [server])
+    lan.refusal = "ca_mismatch"
+    actions = lan.run(120.0)
+    assert not any(isinstance(a, Release) for a in actions)
+    assert sum(a == Prove(server) for a in actions) >= 3  # each dead_hold, again
+    assert f.joins.failed is not None and f.joins.failed.reason == "ca_mismatch"
 
 
 def test_a_bootstrapper_that_does_not_serve_for_minutes_is_reported_once() -> None:

@@ -30,6 +30,8 @@ DESIGN_FAMILIES = {  # DESIGN.md §A "Observability", as families in the text fo
     "sugarkube_join_stalled": "gauge",  # issue 10 rule 5: joiners waiting on a silent bootstrapper
     "sugarkube_agent_info": "gauge",
     "sugarkube_degraded": "gauge",  # issue 11: what the gate does not wait on, failing
+    "sugarkube_adverts_ignored_total": "counter",  # issue 12: forged, replayed, unusable adverts
+    "sugarkube_cluster_cas": "gauge",  # issue 12: above 1, a split brain
 }
 
 HISTOGRAMS = {  # facade method -> histogram
@@ -86,7 +88,8 @@ def test_a_fresh_daemon_shows_every_phase_role_and_reason_at_zero(metrics: Metri
     )
     refused = series(metrics, "sugarkube_join_refused_total")
     assert {dict(k)["reason"] for k in refused} == {
-        "unreachable", "tls_error", "ca_mismatch", "bad_cacerts", "verify_failed"
+        "unreachable", "tls_error", "ca_mismatch", "bad_cacerts", "verify_failed",
+        "unauthenticated",
     }
     assert set(refused.values()) == {0.0}
     assert samples[one("sugarkube_gate_released")] == 0.0
@@ -285,7 +288,7 @@ def test_refusals_count_by_reason(metrics: Metrics) -> None:
 def test_reasons_past_the_cap_count_as_other(
     metrics: Metrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(const, "METRICS_REASONS_MAX", 6)  # the 5 known reasons, then one more
+    monkeypatch.setattr(const, "METRICS_REASONS_MAX", 7)  # the 6 known reasons, then one more
     for reason in ("no_address", "weird-1", "weird-2", "weird-2", "no_address"):
         metrics.join_refused(reason)
     refused = {

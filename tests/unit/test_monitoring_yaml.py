@@ -337,9 +337,15 @@ def test_each_alert_fires_on_the_agents_series_when_it_should(tmp_path: Path) ->
                 series("up", "1x3 0x10"),
                 series("sugarkube_degraded", "0x2 1x20", what="metrics"),
                 series("sugarkube_degraded", "0x30", what="config"),
+                series("sugarkube_cluster_cas", "1x3 2x10"),
             ],
             "alert_rule_test": [
                 {"eval_time": "14m", "alertname": "SugarkubeGateNotReleased", "exp_alerts": []},
+                {"eval_time": "4m", "alertname": "SugarkubeSplitBrain", "exp_alerts": []},
+                {
+                    "eval_time": "6m", "alertname": "SugarkubeSplitBrain",
+                    "exp_alerts": [expected("SugarkubeSplitBrain", node)],
+                },
                 {
                     "eval_time": "16m", "alertname": "SugarkubeGateNotReleased",
                     "exp_alerts": [expected("SugarkubeGateNotReleased", node)],

@@ -67,9 +67,10 @@ adverts = st.builds(
     leader=st.one_of(st.just(""), hosts),
     ip4=st.one_of(st.just(""), st.ip_addresses(v=4).map(str)),
     ip6=st.one_of(st.just(""), ip6s),
-    key=values,
-    vote=values,
-    admit=values,
+    key=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
+    vote=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
+    admit=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
+    boot=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
     members=st.one_of(st.just(""), st.integers(0, 999).map(str)),
     servers=st.one_of(st.just(""), st.integers(0, 999).map(str)),
     ca=st.one_of(st.just(""), st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
@@ -77,7 +78,7 @@ adverts = st.builds(
 )
 txt_keys = st.sampled_from(
     ["k3s", "cluster", "env", "role", "phase", "leader", "host", "ip4", "ip6", "v", "key", "ca",
-     "vote", "admit", "members"]
+     "vote", "admit", "members", "servers", "boot", "mac"]
 )
 near_valid_items = st.one_of(
     st.binary(max_size=300),
@@ -93,14 +94,15 @@ near_valid_items = st.one_of(
 def test_golden_layout() -> None:
     node = Advert(
         cluster="sugar", env="dev", role=Role.BOOTSTRAP, phase="electing", host="node1.local",
-        leader="node2.local", ip4="192.168.50.11", ip6="fe80::1%eth0", key="0042-ab", ca=CA,
-        vote="0011-aa", admit="0077-cc", members="3", servers="3",
+        leader="node2.local", ip4="192.168.50.11", ip6="fe80::1%eth0", key="00000000000042ab",
+        ca=CA, vote="00000000000011aa", admit="00000000000077cc", members="3", servers="3",
+        boot="0000000312345678",
     )
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=bootstrap", b"phase=electing",
         b"leader=node2.local", b"host=node1.local", b"ip4=192.168.50.11", b"ip6=fe80::1%eth0",
-        b"v=1", b"key=0042-ab", b"ca=" + CA.encode(), b"vote=0011-aa",
-        b"admit=0077-cc", b"members=3", b"servers=3",
+        b"v=1", b"key=00000000000042ab", b"ca=" + CA.encode(), b"vote=00000000000011aa",
+        b"admit=00000000000077cc", b"members=3", b"servers=3", b"boot=0000000312345678",
     ]
 
 
@@ -109,7 +111,7 @@ def test_empty_values_keep_their_equals_sign() -> None:
     assert encode_txt(node) == [
         b"k3s=1", b"cluster=sugar", b"env=dev", b"role=candidate", b"phase=", b"leader=",
         b"host=", b"ip4=", b"ip6=", b"v=1", b"key=", b"ca=", b"vote=",
-        b"admit=", b"members=", b"servers=",
+        b"admit=", b"members=", b"servers=", b"boot=",
     ]
 
 

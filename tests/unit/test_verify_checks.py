@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.verify import checks
+from agent import const
+from agent.verify import checks, mdns
 from agent.verify.result import CheckResult, Status, Verdict, contain
 from tests.unit.test_verify_fakes import HOST, FakeNode, nodes_json, shrink_timeouts
 
@@ -50,6 +51,7 @@ def test_checks_keep_the_runbook_order(node: FakeNode) -> None:
         "swap_off",
         "ip_forward",
         "boot_media",
+        "single_cluster",
     ]
 
 
@@ -554,3 +556,12 @@ def test_an_empty_root_never_crashes(tmp_path: Path) -> None:
     assert len(results) == len(checks.BUILTIN_CHECKS)
     assert not any("crashed" in r.detail for r in results), results
     assert {r.status for r in results} <= {Status.SKIP, Status.FAIL}
+
+
+def test_single_cluster_fails_while_the_daemon_hears_two_cluster_cas(node: FakeNode) -> None:
+    assert mdns.single_cluster(node.probe()).status is Status.PASS
+    alarm = "CA 0123456789ab on node1.local; CA ba9876543210 on x.local\n"
+    node.write(str(const.SPLIT_BRAIN_MARKER), alarm)
+    verdict = mdns.single_cluster(node.probe())
+    assert verdict.status is Status.FAIL
+    assert "split brain: CA 0123456789ab on node1.local" in verdict.detail

@@ -58,7 +58,7 @@ def test_the_default_prints_the_table_and_appends_the_report(
     assert err == ""
     lines = out.splitlines()
     assert [line.split()[0] for line in lines[1 : len(NAMES) + 2]] == [*NAMES, "rancher_disk_space"]
-    assert lines[-1] == "overall: pass (13 pass, 0 fail, 0 skip)"
+    assert lines[-1] == "overall: pass (14 pass, 0 fail, 0 skip)"
     golden("verify_healthy_node.md", report.read_text())
 
 

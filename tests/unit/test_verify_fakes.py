@@ -119,6 +119,7 @@ class FakeNode:
         self.write("/run/systemd/timesync/synchronized", "")
         self.write("/etc/rancher/k3s/config.yaml.d/10-kube-proxy.yaml", DROPIN)
         self.write("/etc/rancher/k3s/k3s.yaml", "apiVersion: v1\nkind: Config\n")
+        self.write(str(const.CONTROL_SOCKET), "")  # the daemon runs (a file stands for its socket)
         self.write("/proc/swaps", "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
         self.write("/proc/sys/net/ipv4/ip_forward", "1\n")
         self.write("/proc/self/mountinfo", MOUNTINFO)

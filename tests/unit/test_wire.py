@@ -258,18 +258,20 @@ def live(name: str = NODE1, host: str = "node1.local", txt: tuple[bytes, ...] = 
 
 
 def test_to_node_adverts_fills_the_advert_from_txt_and_the_first_address() -> None:
-    txt = (*TXT, b"phase=server", b"host=node1.local", b"ip4=10.9.9.9", b"key=00ab",
+    txt = (*TXT, b"phase=server", b"host=node1.local", b"ip4=10.9.9.9", b"key=00000000000000ab",
            b"ca=" + b"a" * 64)
-    assert to_node_adverts([live(txt=txt)], "00ff") == [
-        NodeAdvert(name=NODE1, host="node1.local", role=Role.SERVER, key="00ab", ca="a" * 64,
-                   address="10.0.0.1", phase="server")
+    assert to_node_adverts([live(txt=txt)], "00000000000000ff")[0] == [
+        NodeAdvert(name=NODE1, host="node1.local", role=Role.SERVER, key="00000000000000ab",
+                   ca="a" * 64, address="10.0.0.1", phase="server")
     ]
 
 
 def test_without_an_address_the_txt_ip4_is_used() -> None:
-    (advert,) = to_node_adverts([live(txt=(*TXT, b"ip4=10.9.9.9"), addresses=())], "00ff")
+    (advert,), _ = to_node_adverts(
+        [live(txt=(*TXT, b"ip4=10.9.9.9"), addresses=())], "00000000000000ff"
+    )
     assert advert.address == "10.9.9.9"
-    (advert,) = to_node_adverts([live(addresses=())], "00ff")
+    (advert,), _ = to_node_adverts([live(addresses=())], "00000000000000ff")
     assert advert.address == ""
 
 
@@ -277,21 +279,24 @@ def test_unparsable_txt_and_our_own_key_are_skipped() -> None:
     records = [
         live(txt=()),  # PTR heard, TXT never came
         live(txt=(b"k3s=2", *TXT[1:])),
-        live(name="mine", host="node2.local", txt=(*TXT, b"key=00aa")),  # ours, by key
+        live(name="mine", host="node2.local", txt=(*TXT, b"key=00000000000000aa")),  # ours, by key
         # Same host name, another key: another node (Avahi renamed one of the twins' hosts).
-        live(name="twin", host="node2-2.local", txt=(*TXT, b"host=node2.local", b"key=00bb")),
+        live(name="twin", host="node2-2.local",
+             txt=(*TXT, b"host=node2.local", b"key=00000000000000bb")),
         live(name="other", host="node3.local"),
     ]
-    assert [a.name for a in to_node_adverts(records, "00aa")] == ["twin", "other"]
+    adverts, ignored = to_node_adverts(records, "00000000000000aa")
+    assert [a.name for a in adverts] == ["twin", "other"]
+    assert set(ignored) == {NODE1}  # the unparsable ones, by name (both named NODE1)
 
 
 def test_host_comes_from_txt_then_from_the_srv_target() -> None:
-    (by_txt,) = to_node_adverts([live(txt=(*TXT, b"host=node9.local"))], "00ff")
-    (by_srv,) = to_node_adverts([live(host="Node1.local")], "00ff")
+    (by_txt,), _ = to_node_adverts([live(txt=(*TXT, b"host=node9.local"))], "00000000000000ff")
+    (by_srv,), _ = to_node_adverts([live(host="Node1.local")], "00000000000000ff")
     assert (by_txt.host, by_srv.host) == ("node9.local", "node1.local")
 
 
-keys = st.text("0123456789abcdef", min_size=1, max_size=16)
+keys = st.text("0123456789abcdef", min_size=16, max_size=16)
 
 
 @given(st.lists(st.tuples(st.lists(st.binary(max_size=30), max_size=8), keys), max_size=5), keys)
@@ -302,12 +307,12 @@ def test_to_node_adverts_never_raises_and_never_returns_our_key(
         live(name=f"n{i}", txt=(*items, f"key={key}".encode()))
         for i, (items, key) in enumerate(txts)
     ]
-    for advert in to_node_adverts(records, own):
+    for advert in to_node_adverts(records, own)[0]:
         assert advert.key != own and advert.role in Role
 
 
 def test_without_a_key_of_our_own_nothing_is_taken_for_ours() -> None:
-    assert [a.name for a in to_node_adverts([live(), live(name="b")], "")] == [NODE1, "b"]
+    assert [a.name for a in to_node_adverts([live(), live(name="b")], "")[0]] == [NODE1, "b"]
 
 
 # --- what live_round refuses before it opens a socket ---------------------------------------------
@@ -321,3 +326,30 @@ def test_without_a_key_of_our_own_nothing_is_taken_for_ours() -> None:
 def test_live_round_refuses_bad_input_with_wire_error(stype: str, addr: str) -> None:
     with pytest.raises(WireError):
         asyncio.run(live_round(stype, interface_addr=addr))
+
+
+# --- a round that may count as absence must be complete (issue 12 point 4) ---------------------
+
+
+def test_a_round_over_the_cap_is_incomplete(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(const, "LIVE_ROUND_MAX_NAMES", 2)
+    full = collect(*[avahi_answer(f"n{i}", f"h{i}", bytes([10, 0, 0, i])) for i in range(2)])
+    assert full.incomplete() is None
+    flooded = collect(*[avahi_answer(f"n{i}", f"h{i}", bytes([10, 0, 0, i])) for i in range(5)])
+    assert "over 2 names" in (flooded.incomplete() or "")
+
+
+def test_an_instance_heard_without_srv_or_txt_leaves_the_round_incomplete() -> None:
+    ptr = rr(name(*STYPE.split("."), "local"), PTR, instance("n1"), flush=False)
+    ptr_only = collect(response([ptr]))
+    assert ptr_only.incomplete() == "1 instance(s) heard without their SRV or TXT record"
+    assert collect(avahi_answer()).incomplete() is None
+
+
+def test_to_node_adverts_leaves_out_what_the_judge_refuses() -> None:
+    def judge(name: str, port: int, txt: tuple[bytes, ...], advert: object) -> str | None:
+        return "unauthenticated" if name == "forged" else None
+
+    adverts, ignored = to_node_adverts([live(), live(name="forged")], "", judge)
+    assert [a.name for a in adverts] == [NODE1]
+    assert ignored == {"forged": "unauthenticated"}
