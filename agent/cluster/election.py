@@ -28,6 +28,9 @@ The rules, each with the fault it answers:
 7. A node that cannot run k3s (a blocking prerequisite fails) neither stands, votes nor binds.
 8. A node whose server join was cut short before its etcd started joins again, admitted like
    any joiner, and never stands nor votes (joining.py).
+9. A node whose `K10` token pins a CA that no CA on its disk matches only joins, in the same
+   way: its cluster-init would mint a new CA that no token of the cluster matches, and every
+   joiner refusing it would bootstrap a cluster of its own.
 
 Why one cluster. Releasing cluster-init takes q supporters; each node supports at most one
 bootstrapper ever, because its promise is permanent (persisted across restarts) and a
@@ -96,6 +99,7 @@ class Formation(JoinSteps):
     authenticated: bool = False  # adverts carry a valid MAC (agent/mdns/auth.py): see Joins
     ineligible: str = ""  # why k3s cannot run here ("" when it can): the node does not stand
     rejoin: bool = False  # a server join cut short before etcd started: join again (rule 8)
+    join_only: str = ""  # why this node may only join, never stand (rule 9), "" when it may
     agent_only: bool = False  # only k3s-agent.service here: never stands, joins as an agent
     bound: str = ""  # the key this node promised its support to ("" free; its own: stood)
     bound_host: str = ""
@@ -215,10 +219,11 @@ class Formation(JoinSteps):
             self.status = (
                 "agent only (k3s-agent.service, no k3s.service here): waiting for a server to join"
             )
-        elif self.rejoin:
+        elif self.rejoin or self.join_only:
             self.phase = Phase.BOUND
             self._advertise_fresh(now, actions)
             self.status = (
+                f"not standing: {self.join_only}; waiting for a server" if self.join_only else
                 "rejoin: a server join was cut short before etcd started; waiting for a server"
             )
         elif self.bound == self.key:
@@ -306,7 +311,7 @@ class Formation(JoinSteps):
         (also while it proves or waits to join a server: others count it for slots and turns)."""
         if self.agent_only:  # takes no server slot, so it neither stands nor votes
             advert = Advertise(Role.CANDIDATE, v.INELIGIBLE, self.host)
-        elif self.rejoin:  # bound to whichever server admits it: neither free nor standing
+        elif self.rejoin or self.join_only:  # bound to whichever server admits it
             advert = Advertise(Role.CANDIDATE, v.BOUND, self.bound_host or self.host, vote="")
         elif self.bound == self.key:
             advert = Advertise(Role.BOOTSTRAP, v.BOOTSTRAPPING, self.host, vote=self.key)

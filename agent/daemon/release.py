@@ -61,6 +61,7 @@ def machine_from_disk(
         authenticated=settings.token is not None,
         ineligible=damaged,
         rejoin=rejoin,
+        join_only=unpinned_ca(root, settings) if member is None else "",
         agent_only=member is None and k3s.agent_only(root),
         bound=record.bound,
         bound_host=record.bound_host,
@@ -69,6 +70,18 @@ def machine_from_disk(
         log.event("agent_only", "notice",
                   reason="k3s-agent.service is installed and k3s.service is not")  # fmt: skip
     return record, bool(damaged), machine
+
+
+def unpinned_ca(root: Path, settings: Settings) -> str:
+    """Why this fresh node must not run cluster-init (rule 9 of election.py), "" when it may:
+    its K10 token pins a CA that no CA on its disk matches."""
+    token = tokens.parse_token(settings.token.reveal()) if settings.token else None
+    if token is None or token.ca_hash is None or k3s.ca_on_disk(root) == token.ca_hash:
+        return ""
+    return (
+        f"the K10 token pins CA {token.ca_hash[:12]}, which no CA on this disk matches: it can "
+        "only join that cluster (to form a new one, give the token's password part alone)"
+    )
 
 
 def write(

@@ -3,11 +3,16 @@ pinned to the proven CA, and a refused but authenticated server that keeps block
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import tokens
+from agent.cluster import k3s
+from agent.config import load_settings
+from agent.daemon.release import unpinned_ca
 from agent.cluster.peers import PeerTable
 from agent.mdns import auth
 from agent.mdns.auth import AdvertKey, boot_nonce, boot_order
@@ -127,3 +132,19 @@ def test_a_short_token_is_written_pinned_to_the_ca_the_proof_saw(
 ) -> None:
     assert tokens.pinned(given_token, CA) == written
     assert tokens.parse_token(written).password == tokens.parse_token(given_token).password
+
+
+# --- a K10 token pins a CA: no cluster-init without it (rule 9 of election.py) -------------------
+
+
+def test_a_k10_token_whose_ca_is_not_on_disk_may_only_join(tmp_path: Path) -> None:
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    token = tokens.format_token(pem, "s3cret")
+    settings = load_settings(environ={"SUGARKUBE_TOKEN": token}, root=tmp_path)
+    assert "which no CA on this disk matches" in unpinned_ca(tmp_path, settings)
+    ca = tmp_path / k3s.SERVER_CA.lstrip("/")
+    ca.parent.mkdir(parents=True)
+    ca.write_bytes(pem)  # the operator restored the cluster's CA: cluster-init may use it
+    assert unpinned_ca(tmp_path, settings) == ""
+    short = load_settings(environ={"SUGARKUBE_TOKEN": "s3cret"}, root=tmp_path)
+    assert unpinned_ca(tmp_path / "empty", short) == ""

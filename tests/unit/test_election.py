@@ -681,6 +681,23 @@ def test_a_join_cut_short_before_etcd_started_joins_again_admitted_and_never_sta
     assert f.released == Release("join-server", admits)
 
 
+# -- rule 9: a K10 token that pins a CA this node does not hold ---------------------------------
+
+
+def test_a_node_whose_token_pins_another_ca_never_stands_alone_and_joins() -> None:
+    f = _node(key="1", servers=1, join_only="the K10 token pins CA 0123456789ab")
+    lan = Lan(f)
+    actions = lan.run(60.0)
+    assert f.released is None and not any(isinstance(a, Bind) for a in actions)
+    assert f.status == "not standing: the K10 token pins CA 0123456789ab; waiting for a server"
+    server = _ad("s.local", Role.SERVER, "5")
+    f.advert_seen(lan.t, server)
+    lan.live = [server]
+    lan.serving.add("s.local")
+    lan.run(70.0, stop=lambda f: f.released)
+    assert f.released == Release("join-agent", server)  # servers=1: the one slot is taken
+
+
 def test_no_admission_while_a_serving_server_goes_unheard_for_up_to_order_wait() -> None:
     # A voter that says it serves but no round hears: down, maybe (a power cut). etcd refuses
     # a member while a voter is down, and one that comes back needs 5 s connected first.
