@@ -18,6 +18,7 @@ from agent.configvalues import (
     ConfigError,
     _clip,
     _kind,
+    _private,
     _read_bounded,
     _reason,
     _show,
@@ -38,12 +39,15 @@ _LEAF_KEYS = (
 )
 
 
-def _read_yaml(path: Path | None, root: Path) -> tuple[Path | None, object]:
-    """(the file read or None, its YAML document); a missing default file is (None, None)."""
+def _read_yaml(path: Path | None, root: Path, owner: int) -> tuple[Path | None, object]:
+    """(the file read or None, its YAML document); a missing default file is (None, None).
+
+    A file that holds a token must be owned by `owner` (root) and unreadable by others.
+    """
     file = path if path is not None else root / const.DEFAULT_CONFIG_PATH.relative_to("/")
     shown = _show_path(file)
     try:
-        data = _read_bounded(file, const.CONFIG_MAX_BYTES)
+        data, info = _read_bounded(file, const.CONFIG_MAX_BYTES)
     except FileNotFoundError as exc:
         if path is None:
             return None, None
@@ -64,7 +68,10 @@ def _read_yaml(path: Path | None, root: Path) -> tuple[Path | None, object]:
             f"config file {shown} is not UTF-8 text (bad byte at offset {exc.start}); "
             "save it as UTF-8"
         ) from exc
-    return file, _parse_yaml(text, shown)
+    doc = _parse_yaml(text, shown)
+    if isinstance(doc, dict) and doc.get("token") is not None:
+        _private(file, info, owner)
+    return file, doc
 
 
 def _parse_yaml(text: str, shown: str) -> object:
