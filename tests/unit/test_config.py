@@ -620,6 +620,29 @@ def test_a_token_that_breaks_yaml_is_not_shown(write, root: Path, written: str) 
     assert TOKEN[3:20] not in message
 
 
+@pytest.mark.parametrize(
+    ("written", "shown"),
+    [
+        ("token:\n  *{t}\n", "found undefined alias (not shown: the file holds a token)"),
+        ("{{cluster: sugar, token: *{t}}}\n", "found undefined alias (not shown"),
+        ("? token\n: *{t}\n", "found undefined alias (not shown"),
+        ("- token: *{t}\n", "found undefined alias (not shown"),
+        ("token:\n  !{t} x\n", "for the tag (not shown"),
+        ("token:\n{t}: x\n", "unknown key in "),
+    ],
+)
+def test_a_token_off_its_line_is_not_shown(write, root: Path, written: str, shown: str) -> None:
+    password = "s3cret-" + "f00d" * 8
+    message = error(write(written.format(t=password)), {}, root)
+    assert password[:8] not in message
+    assert shown in message
+
+
+def test_without_a_token_the_text_at_fault_is_shown(write, root: Path) -> None:
+    message = error(write("# token: comes later\nservers: *three\n"), {}, root)
+    assert "found undefined alias 'three'" in message
+
+
 def test_a_document_that_is_the_token_does_not_show_it(write, root: Path) -> None:
     error(write(f"token:{TOKEN}\n"), {}, root)  # no space after the colon: a plain scalar
 
