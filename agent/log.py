@@ -297,6 +297,10 @@ class EventLog:
         """Use `redactor` for every later line."""
         self._redactor = redactor
 
+    def redact(self, text: str) -> str:
+        """`text` as this log would write it: tokens removed, addresses as pseudonyms."""
+        return self._redactor(text)
+
     def event(self, name: str, level: Level = "info", /, **fields: object) -> None:
         """Write and flush one line for `name` (debug only when enabled); never raise."""
         if level == "debug" and not self.debug_enabled:
