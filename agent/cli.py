@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, const
+from agent import __version__, const, loghooks
 from agent.config import ConfigError, Settings, load_settings
 from agent.log import EventLog, Redactor, load_salt
 from agent.verify.command import configure_parser as command_verify_parser
@@ -31,23 +31,26 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _make_log(settings: Settings | None, *, persistent_salt: bool) -> EventLog:
-    """The event log; without settings (unreadable configuration) addresses are redacted."""
-    salt = load_salt(const.STATE_DIR / "redact-salt") if persistent_salt else b"discover"
-    redactor = Redactor(salt, addresses=settings is None or settings.redact_addresses)
-    if settings is None:
-        return EventLog(redactor=redactor)
-    if settings.token is not None:
+def _make_log(settings: Settings | None) -> EventLog:
+    """The event log, with the node's salt (the pseudonyms of every command and the daemon
+    match), which library logs and tracebacks go through too (agent/loghooks.py); without
+    settings (unreadable configuration) addresses are redacted."""
+    redactor = Redactor(
+        load_salt(const.STATE_DIR / "redact-salt"),
+        addresses=settings is None or settings.redact_addresses,
+    )
+    if settings is not None and settings.token is not None:
         redactor.add_secret(settings.token.reveal())
     log = EventLog(redactor=redactor)
-    log.debug_enabled = settings.mdns.debug
+    log.debug_enabled = settings is not None and settings.mdns.debug
+    loghooks.install(log)
     return log
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
+def _run(args: argparse.Namespace, settings: Settings, log: EventLog) -> int:
     from agent.daemon.service import serve
 
-    return asyncio.run(serve(settings, _make_log(settings, persistent_salt=True), args.config))
+    return asyncio.run(serve(settings, log, args.config))
 
 
 def _run_unconfigured(args: argparse.Namespace, error: ConfigError) -> int:
@@ -59,16 +62,13 @@ def _run_unconfigured(args: argparse.Namespace, error: ConfigError) -> int:
     role = held_role(Path("/"))
     if role is None:
         return error.exit_code
-    return asyncio.run(serve_unconfigured(
-        args.config, str(error), role, lambda s: _make_log(s, persistent_salt=True)
-    ))
+    return asyncio.run(serve_unconfigured(args.config, str(error), role, _make_log))
 
 
-def _discover(args: argparse.Namespace, settings: Settings) -> int:
+def _discover(args: argparse.Namespace, settings: Settings, log: EventLog) -> int:
     from agent.discover import AvahiUnavailable, discover, render
     from agent.mdns.records import service_type
 
-    log = _make_log(settings, persistent_salt=False)
     try:
         found, ms_elapsed = asyncio.run(discover(settings, args.timeout, log))
     except AvahiUnavailable as err:
@@ -79,7 +79,7 @@ def _discover(args: argparse.Namespace, settings: Settings) -> int:
     return const.EXIT_OK if found else const.EXIT_FAIL
 
 
-def _gate(args: argparse.Namespace, settings: None) -> int:
+def _gate(args: argparse.Namespace, settings: None, log: EventLog) -> int:
     from agent.client import gate
 
     code, reason = asyncio.run(gate(args.timeout, sys.stdout, args.role))
@@ -87,7 +87,7 @@ def _gate(args: argparse.Namespace, settings: None) -> int:
     return code
 
 
-def _status(args: argparse.Namespace, settings: None) -> int:
+def _status(args: argparse.Namespace, settings: None, log: EventLog) -> int:
     from agent.client import Unreachable, render_status, status
 
     try:
@@ -99,7 +99,7 @@ def _status(args: argparse.Namespace, settings: None) -> int:
     return const.EXIT_OK
 
 
-def _wipe(args: argparse.Namespace, settings: Settings) -> int:
+def _wipe(args: argparse.Namespace, settings: Settings, log: EventLog) -> int:
     from agent.wipe import wipe
 
     if not args.yes:
@@ -117,13 +117,13 @@ def _wipe(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
-def _verify(args: argparse.Namespace, settings: Settings) -> int:
+def _verify(args: argparse.Namespace, settings: Settings, log: EventLog) -> int:
     from agent.verify import command
 
     return command.run(args, settings.report_path)
 
 
-Command = Callable[[argparse.Namespace, Any], int]  # Settings; None for gate and status
+Command = Callable[[argparse.Namespace, Any, EventLog], int]  # Settings; None: gate, status
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, load the configuration, run the command; returns the exit code."""
+    # First of all: whatever fails from here on is logged redacted (tokens, addresses).
+    loghooks.install(EventLog())
     args = build_parser().parse_args(argv)
     if args.handler in (_gate, _status):
         # They only ask the daemon, which says what it thinks of the configuration: a typo in
@@ -216,6 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _guarded(handler: Command, args: argparse.Namespace, settings: Settings | None) -> int:
     try:
-        return handler(args, settings)
+        return handler(args, settings, _make_log(settings))
     except KeyboardInterrupt:
         return 130

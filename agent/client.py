@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from agent import const
 from agent.daemon.control import request
+from agent.log import printable
 
 UNITS = {"server": "k3s.service", "agent": "k3s-agent.service"}  # the k3s unit of each role
 
@@ -32,7 +33,7 @@ async def status() -> dict[str, Any]:
 
 
 def render_status(snapshot: dict[str, Any]) -> str:
-    """`status` for a person."""
+    """`status` for a person, escaped: peer names and reasons come from the LAN."""
     gate = (
         f"released ({snapshot['release_mode']}, {UNITS[snapshot.get('release_role') or 'server']})"
         if snapshot["released"] else "waiting"
@@ -52,7 +53,7 @@ def render_status(snapshot: dict[str, Any]) -> str:
     timings = snapshot.get("timings_ms", {})
     if timings:
         lines.append("timings: " + " ".join(f"{k}_ms={v:.0f}" for k, v in sorted(timings.items())))
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def released(snapshot: dict[str, Any], role: str | None) -> tuple[int, str]:
@@ -97,7 +98,7 @@ async def gate(timeout: float, out: TextIO, role: str | None = None) -> tuple[in
                 if not line:
                     break  # the daemon restarted: connect again
                 snapshot = json.loads(line)
-                last = snapshot["status"]
+                last = printable(snapshot["status"])
                 if snapshot["released"]:
                     return released(snapshot, role)
                 now = time.monotonic()

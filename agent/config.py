@@ -30,6 +30,7 @@ from agent.configvalues import (
     _interface,
     _Invalid,
     _listen,
+    _private,
     _read_bounded,
     _reason,
     _servers,
@@ -106,16 +107,22 @@ class Settings:
 
 
 def load_settings(
-    path: Path | None = None, environ: Mapping[str, str] | None = None, *, root: Path = Path("/")
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    root: Path = Path("/"),
+    owner: int = 0,
 ) -> Settings:
     """Settings from the YAML file and the environment; raises ConfigError.
 
     path None = the default path, which may be absent; an explicitly given path that does not exist
     is an error. root is the directory the default paths are taken under (tests give a tmp dir).
+    A file holding a token (agent.yaml with `token:`, the token_file) must be owned by `owner`
+    (root) and readable by neither its group nor others.
     """
-    source, doc = _read_yaml(path, root)
+    source, doc = _read_yaml(path, root, owner)
     yaml_values = _flatten(doc, source) if source is not None else {}
-    layer = _Layer(yaml_values, source, os.environ if environ is None else environ)
+    layer = _Layer(yaml_values, source, os.environ if environ is None else environ, owner)
     env = layer.value("env", "SUGARKUBE_ENV", _environment, DEFAULT_ENV)
     listen_default = (DEFAULT_METRICS_HOST, const.METRICS_PORT)
     host, port = layer.value("metrics.listen", "SUGARKUBE_METRICS_ADDR", _listen, listen_default)
@@ -166,11 +173,16 @@ class _Layer:
     """The flattened YAML values under the environment; env beats yaml, empty env means unset."""
 
     def __init__(
-        self, yaml_values: dict[str, object], file: Path | None, environ: Mapping[str, str]
+        self,
+        yaml_values: dict[str, object],
+        file: Path | None,
+        environ: Mapping[str, str],
+        owner: int,
     ) -> None:
         self.yaml = yaml_values
         self.file = file
         self.environ = environ
+        self.owner = owner
 
     def env(self, name: str) -> str | None:
         """The variable's value, None when unset or blank (an EnvironmentFile template line)."""
@@ -203,15 +215,16 @@ class _Layer:
         if from_yaml is not None or token_file is None:
             return from_yaml
         # Read only when it is the token in use: an env token may stand in for an unreadable file.
-        return _read_token_file(token_file, _Origin("token_file", self.file))
+        return _read_token_file(token_file, _Origin("token_file", self.file), self.owner)
 
 
-def _read_token_file(path: Path, origin: _Origin) -> Secret:
+def _read_token_file(path: Path, origin: _Origin, owner: int) -> Secret:
     """The token held in path, stripped; a ConfigError naming token_file when it is unusable."""
     try:
-        data = _read_bounded(path, const.TOKEN_FILE_MAX_BYTES)
+        data, info = _read_bounded(path, const.TOKEN_FILE_MAX_BYTES)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{origin.describe(path)}: cannot read it: {_reason(exc)}") from exc
+    _private(path, info, owner)
     try:
         return _token(_token_text(data))
     except _Invalid as exc:

@@ -18,6 +18,7 @@ from agent.configvalues import (
     ConfigError,
     _clip,
     _kind,
+    _private,
     _read_bounded,
     _reason,
     _show,
@@ -25,6 +26,9 @@ from agent.configvalues import (
 )
 
 _TOKEN_LINE = re.compile(r"\s*['\"]?token['\"]?\s*:")
+_COMMENT = re.compile(r"(?:^|\s)#.*", re.MULTILINE)  # YAML 1.1 §9.2: '#' after a space
+_TOKEN_WORD = re.compile(r"(?<![\w-])token(?![\w-])")
+_QUOTED = re.compile(r"['\"].*['\"]")  # from the first quote to the last
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "mdns": ("interface", "dbus", "wire_proof", "debug"),
     "metrics": ("listen",),
@@ -38,12 +42,15 @@ _LEAF_KEYS = (
 )
 
 
-def _read_yaml(path: Path | None, root: Path) -> tuple[Path | None, object]:
-    """(the file read or None, its YAML document); a missing default file is (None, None)."""
+def _read_yaml(path: Path | None, root: Path, owner: int) -> tuple[Path | None, object]:
+    """(the file read or None, its YAML document); a missing default file is (None, None).
+
+    A file that holds a token must be owned by `owner` (root) and unreadable by others.
+    """
     file = path if path is not None else root / const.DEFAULT_CONFIG_PATH.relative_to("/")
     shown = _show_path(file)
     try:
-        data = _read_bounded(file, const.CONFIG_MAX_BYTES)
+        data, info = _read_bounded(file, const.CONFIG_MAX_BYTES)
     except FileNotFoundError as exc:
         if path is None:
             return None, None
@@ -64,7 +71,10 @@ def _read_yaml(path: Path | None, root: Path) -> tuple[Path | None, object]:
             f"config file {shown} is not UTF-8 text (bad byte at offset {exc.start}); "
             "save it as UTF-8"
         ) from exc
-    return file, _parse_yaml(text, shown)
+    doc = _parse_yaml(text, shown)
+    if isinstance(doc, dict) and doc.get("token") is not None:
+        _private(file, info, owner)
+    return file, doc
 
 
 def _parse_yaml(text: str, shown: str) -> object:
@@ -80,10 +90,14 @@ def _parse_yaml(text: str, shown: str) -> object:
         problem = problem if len(problem) <= 2 * _SHOWN_MAX else problem[: 2 * _SHOWN_MAX] + "..."
         problem += "; fix the file"
         # PyYAML quotes the text at fault ('found undefined alias', a '!tag'): on the token's
-        # line that text is the token, so only the place is given.
+        # line that text is the token, so only the place is given. The token can also be on
+        # another line (`token:` then the value below, a flow mapping, `? token`): in a file
+        # that mentions a token anywhere outside comments, no quoted text is shown.
         lines = text.splitlines()
         if mark and mark.line < len(lines) and _TOKEN_LINE.match(lines[mark.line]):
             problem = "the token is not valid YAML as written; put it in single quotes"
+        elif _TOKEN_WORD.search(_COMMENT.sub("", text)):
+            problem = _QUOTED.sub(_hide_quoted, problem)
         raise ConfigError(f"YAML error in {shown}{where}: {problem}") from exc
     except yaml.reader.ReaderError as exc:
         raise ConfigError(
@@ -102,6 +116,11 @@ def _parse_yaml(text: str, shown: str) -> object:
             f"YAML error in {shown}: a value cannot be converted ({type(exc).__name__}); "
             "check numbers, dates and !! tags"
         ) from exc
+
+
+def _hide_quoted(match: re.Match[str]) -> str:
+    """A quoted single character (`':'`) as it is, any longer quoted text hidden."""
+    return match[0] if len(match[0]) <= 3 else "(not shown: the file holds a token)"
 
 
 class _Loader(yaml.SafeLoader):
@@ -130,10 +149,12 @@ def _flatten(doc: object, file: Path) -> dict[str, object]:
             "write one 'key: value' per line"
         )
     flat: dict[str, object] = {}
+    # `token:` with its value on the next line, unindented, makes the value a key of its own.
+    hide = "token" in doc
     for key, value in doc.items():
         name = str(key)
         if name not in _TOP_KEYS:
-            raise _unknown(name, file, _TOP_KEYS)
+            raise _unknown(name, file, _TOP_KEYS, hide=hide)
         if value is None:
             continue
         if name not in _SECTIONS:
@@ -147,14 +168,21 @@ def _flatten(doc: object, file: Path) -> dict[str, object]:
         for sub, sub_value in value.items():
             dotted = f"{name}.{sub}"
             if str(sub) not in _SECTIONS[name]:
-                raise _unknown(dotted, file, _SECTIONS[name], prefix=f"{name}.")
+                raise _unknown(dotted, file, _SECTIONS[name], prefix=f"{name}.", hide=hide)
             if sub_value is not None:
                 flat[dotted] = sub_value
     return flat
 
 
-def _unknown(key: str, file: Path, known: tuple[str, ...], prefix: str = "") -> ConfigError:
-    """The error for a key the schema lacks, with the closest known key when one is near."""
+def _unknown(
+    key: str, file: Path, known: tuple[str, ...], prefix: str = "", *, hide: bool = False
+) -> ConfigError:
+    """The error for a key the schema lacks, with the closest known key when one is near; with
+    hide (the file has a token key) a key near none is not shown: it may be the token."""
     close = difflib.get_close_matches(key, _LEAF_KEYS, n=1, cutoff=0.75)
     hint = f"did you mean {close[0]!r}?" if close else f"known keys: {prefix}{', '.join(known)}"
+    if hide and not close:
+        return ConfigError(
+            f"unknown key in {_show_path(file)} (not shown: the file holds a token); {hint}"
+        )
     return ConfigError(f"unknown key {_clip(key)!r} in {_show_path(file)}; {hint}")

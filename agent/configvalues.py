@@ -211,17 +211,32 @@ def _token_text(data: bytes) -> str:
         raise _Invalid("is not UTF-8 text; it should hold only the token") from None
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
-    """Up to limit + 1 bytes of path; refuses directories, FIFOs and sockets (reading them blocks
-    or fails), allows character devices such as /dev/null."""
+def _read_bounded(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """Up to limit + 1 bytes of path and the status of the file read; refuses directories, FIFOs
+    and sockets (reading them blocks or fails), allows character devices such as /dev/null."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as file:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(21, "Is a directory")
-        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        if stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode):
             raise OSError("not a regular file")
-        return file.read(limit + 1)
+        return file.read(limit + 1), info
+
+
+def _private(path: Path, info: os.stat_result, owner: int) -> None:
+    """ConfigError unless the file holding a token, as read (info), is owned by `owner` (root)
+    and readable by neither its group nor others."""
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != owner:
+        problem = f"is owned by uid {info.st_uid}: chown root and chmod 600 it"
+    elif mode & (stat.S_IRGRP | stat.S_IROTH):
+        problem = f"is mode {mode:04o}: chmod 600 it"
+    else:
+        return
+    raise ConfigError(
+        f"{_show_path(path)} holds a token but {problem} (root-owned, not readable by others)"
+    )
 
 
 def _text(value: object) -> str:

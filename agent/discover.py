@@ -12,7 +12,7 @@ from agent.avahi.browser import Browser
 from agent.avahi.bus import AvahiBus, AvahiError
 from agent.cluster.peers import Peer, PeerTable
 from agent.config import Settings
-from agent.log import EventLog
+from agent.log import EventLog, printable
 from agent.mdns.records import service_type
 
 
@@ -74,7 +74,8 @@ async def discover(settings: Settings, timeout: float, log: EventLog) -> tuple[l
 
 
 def render(found: list[Found], ms_elapsed: float, stype: str, *, as_json: bool) -> str:
-    """The discover output: one line per node, or one JSON document."""
+    """The discover output: one line per node, escaped (names come from the LAN), or one JSON
+    document (json.dumps escapes every control character)."""
     if as_json:
         return json.dumps(
             {
@@ -102,4 +103,4 @@ def render(found: list[Found], ms_elapsed: float, stype: str, *, as_json: bool) 
         f"{' local=true' if f.peer.local else ''} ms_elapsed={round(f.ms_elapsed)}"
         for f in found
     ]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))

@@ -28,6 +28,7 @@ import re
 import sys
 import tempfile
 import threading
+import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal, TextIO
@@ -240,11 +241,26 @@ def _quote(text: str) -> str:
 
 def _escape(match: re.Match[str]) -> str:
     """The escape sequence of one unsafe character."""
-    char = match[0]
+    return _escape_char(match[0])
+
+
+def _escape_char(char: str) -> str:
+    """`\\n`, `\\x1b`, `\\u202e` or `\\U000e0041`: the escape sequence of `char`."""
     if (known := _ESCAPES.get(char)) is not None:
         return known
     code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: backslashes and every control, format (bidi,
+    zero-width), unassigned and separator character but the space escaped, the rest kept."""
+    return "".join(
+        _escape_char(c) if c == "\\" or (c != " " and unicodedata.category(c)[0] in "CZ") else c
+        for c in text
+    )
 
 
 def _is_journal(stream: TextIO) -> bool:
@@ -280,6 +296,10 @@ class EventLog:
     def set_redactor(self, redactor: Redactor) -> None:
         """Use `redactor` for every later line."""
         self._redactor = redactor
+
+    def redact(self, text: str) -> str:
+        """`text` as this log would write it: tokens removed, addresses as pseudonyms."""
+        return self._redactor(text)
 
     def event(self, name: str, level: Level = "info", /, **fields: object) -> None:
         """Write and flush one line for `name` (debug only when enabled); never raise."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent import loghooks
 from tests.lab import Lab, LabError, find_leftovers, sweep_leftovers, unavailable_reason
 from tests.lab.cleanup import LAB_TOOLS
 
@@ -54,6 +55,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Prepare the lab before any test marked `lab` (even one that builds its own)."""
     if item.get_closest_marker("lab") is not None:
         _prepare_lab(item.config)
+
+
+@pytest.fixture(autouse=True)
+def _no_log_hooks_left() -> Iterator[None]:
+    """cli.main() routes logging and tracebacks of the whole process through its log
+    (agent/loghooks.py): undo that after each test, or every later test would inherit it."""
+    yield
+    loghooks.uninstall()
 
 
 @pytest.fixture

@@ -297,7 +297,7 @@ def write_dropin(root: Path, release: Release) -> Path:
     tmp = directory / f".{target.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
     try:
         _make_dirs(root, DROPIN_DIR)
-        _remove_stale_tmp(root)
+        remove_stale_tmp(root)
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
             const.K3S_DROPIN_MODE,
@@ -311,13 +311,14 @@ def write_dropin(root: Path, release: Release) -> Path:
         os.replace(tmp, target)
         _fsync_dir(directory)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise K3sError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:  # whatever failed (not only OSError), the copy with the token does not stay
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return target
 
 
-def _remove_stale_tmp(root: Path) -> None:
+def remove_stale_tmp(root: Path) -> None:
     """Remove temporary copies of our drop-in a crash left behind (they hold the token)."""
     name = Path(OUR_DROPIN).name
     for stale in (root / DROPIN_DIR).glob(f".{name}.*{_TMP_SUFFIX}"):
@@ -329,7 +330,7 @@ def remove_dropin(root: Path) -> bool:
     """Remove our drop-in (and temporary copies a crash left); False when it was not there."""
     target = root / OUR_DROPIN
     with contextlib.suppress(OSError):
-        _remove_stale_tmp(root)
+        remove_stale_tmp(root)
     try:
         target.unlink()
     except FileNotFoundError:

@@ -1,6 +1,7 @@
 """What the gate's release leaves on disk, and what a node's disk says at its next start.
 
-A release writes, in this order: our k3s drop-in (atomic, 0600; a member's k3s needs none), the
+A release writes, in this order: our k3s drop-in (atomic, 0600; a member's k3s needs none, and
+a member removes the drop-in's temporary copies a crash left, as a write would), the
 ballot's record of it (the mode, the cluster/env/servers it released under and the address
 etcd's peers know it by: fsynced, so that after a power cut the node is a member even if k3s
 never ran), and this boot's marker under /run. At the next start the record answers: which
@@ -114,6 +115,11 @@ def write(
             token=token,
             node_labels=(f"sugarkube.io/cluster={settings.cluster}",),
         ))  # fmt: skip
+    else:
+        # A member writes no drop-in, so nothing else would remove the temporary copy (with
+        # the token) that a crash or power cut during an earlier boot's write left behind.
+        with contextlib.suppress(OSError):
+            k3s.remove_stale_tmp(root)
     record = dataclasses.replace(
         stored,
         released=release.mode if fresh else stored.released,

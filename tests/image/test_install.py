@@ -20,6 +20,8 @@ RUNTIME = {  # what the agent creates while it runs
     "var/lib/sugarkube/redaction-salt": "salt\n",
     "etc/avahi/services/sugarkube.service": "<service-group/>\n",  # SUGARKUBE_MDNS_DBUS=0
     "etc/rancher/k3s/config.yaml.d/50-sugarkube.yaml": "cluster-init: true\n",
+    # a copy of it a crash left behind, with the token (agent/cluster/k3s.py write_dropin)
+    "etc/rancher/k3s/config.yaml.d/.50-sugarkube.yaml.0a1b2c3d.tmp": "token: secret-1234\n",
 }
 ENABLED = "etc/systemd/system/multi-user.target.wants/sugarkube-agent.service"
 
@@ -50,7 +52,8 @@ def test_purge_leaves_nothing_of_ours_and_all_of_the_operators(
     left = [p for p in ours if (root / p).exists()]
     assert not left, left
     gone = ["var/lib/sugarkube", "etc/sugarkube", "etc/default/sugarkube-agent",
-            "etc/avahi/services/sugarkube.service", ENABLED]
+            "etc/avahi/services/sugarkube.service", ENABLED,
+            "etc/rancher/k3s/config.yaml.d/.50-sugarkube.yaml.0a1b2c3d.tmp"]
     assert not [p for p in gone if (root / p).exists() or (root / p).is_symlink()]
     for path, text in files.items():
         assert (root / path).read_text() == text, path

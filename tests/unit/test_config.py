@@ -65,7 +65,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def write(tmp_path: Path):
-    """Writes text to a YAML file and returns its path."""
+    """Writes text to a YAML file, root only (it may hold the token), and returns its path."""
 
     def _write(text: str | bytes, name: str = "agent.yaml") -> Path:
         path = tmp_path / name
@@ -73,6 +73,7 @@ def write(tmp_path: Path):
             path.write_bytes(text)
         else:
             path.write_text(text, encoding="utf-8")
+        path.chmod(0o600)
         return path
 
     return _write
@@ -234,6 +235,7 @@ def test_a_bad_yaml_value_fails_even_when_the_env_overrides_it(write, root: Path
 def test_token_precedence(write, root: Path, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("from-file-token\n")
+    token_file.chmod(0o600)
     path = write(f"env: prod\ntoken: from-yaml-token\ntoken_file: {token_file}\n")
     env = {"SUGARKUBE_TOKEN_PROD": "env-prod-token", "SUGARKUBE_TOKEN": "env-any-token"}
 
@@ -272,6 +274,7 @@ def test_an_unusable_token_file_names_token_file(
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_bytes(content)
+    token_file.chmod(0o600)
     message = error(write(f"token_file: {token_file}\n"), {}, root)
     assert message.startswith(f"token_file='{token_file}' in ")
     assert problem in message
@@ -286,6 +289,61 @@ def test_an_unreadable_token_file_names_token_file(
     message = error(write(f"token_file: {token_file}\n"), {}, root)
     assert f"token_file='{token_file}'" in message
     assert "permission denied" in message
+
+
+def refused(path: Path, problem: str) -> str:
+    return f"{path} holds a token but {problem} (root-owned, not readable by others)"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o444], ids=oct)
+def test_a_yaml_token_others_can_read_is_refused_even_when_the_env_wins(
+    write, root: Path, mode: int
+) -> None:
+    path = write(f"token: {TOKEN}\n")
+    path.chmod(mode)
+    expected = refused(path, f"is mode {mode:04o}: chmod 600 it")
+    assert error(path, {}, root) == expected
+    assert error(path, {"SUGARKUBE_TOKEN": "env-token"}, root) == expected  # it is on disk
+
+
+def test_a_yaml_token_root_does_not_own_is_refused(write, root: Path) -> None:
+    path = write(f"token: {TOKEN}\n")
+    os.chown(path, 1000, 0)
+    assert error(path, {}, root) == refused(
+        path, "is owned by uid 1000: chown root and chmod 600 it"
+    )
+    assert load_settings(path, {}, root=root, owner=1000).token == Secret(TOKEN)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o700, 0o620], ids=oct)
+def test_a_yaml_token_only_root_can_read_loads(write, root: Path, mode: int) -> None:
+    path = write(f"token: {TOKEN}\n")
+    path.chmod(mode)
+    assert load_settings(path, {}, root=root).token == Secret(TOKEN)
+
+
+def test_a_file_without_a_token_may_be_read_by_anyone(write, root: Path) -> None:
+    path = write("servers: 2\n#token: commented out\ntoken:\n")
+    path.chmod(0o644)
+    os.chown(path, 1000, 1000)
+    assert load_settings(path, {}, root=root).servers == 2
+
+
+def test_a_token_file_others_can_read_or_root_does_not_own_is_refused(
+    write, root: Path, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    path = write(f"token_file: {token_file}\n")
+    token_file.chmod(0o640)
+    assert error(path, {}, root) == refused(token_file, "is mode 0640: chmod 600 it")
+    token_file.chmod(0o600)
+    os.chown(token_file, 1000, 1000)
+    assert error(path, {}, root) == refused(
+        token_file, "is owned by uid 1000: chown root and chmod 600 it"
+    )
+    os.chown(token_file, 0, 0)
+    assert load_settings(path, {}, root=root).token == Secret(TOKEN)
 
 
 @pytest.mark.parametrize(
@@ -562,6 +620,29 @@ def test_a_token_that_breaks_yaml_is_not_shown(write, root: Path, written: str) 
     assert TOKEN[3:20] not in message
 
 
+@pytest.mark.parametrize(
+    ("written", "shown"),
+    [
+        ("token:\n  *{t}\n", "found undefined alias (not shown: the file holds a token)"),
+        ("{{cluster: sugar, token: *{t}}}\n", "found undefined alias (not shown"),
+        ("? token\n: *{t}\n", "found undefined alias (not shown"),
+        ("- token: *{t}\n", "found undefined alias (not shown"),
+        ("token:\n  !{t} x\n", "for the tag (not shown"),
+        ("token:\n{t}: x\n", "unknown key in "),
+    ],
+)
+def test_a_token_off_its_line_is_not_shown(write, root: Path, written: str, shown: str) -> None:
+    password = "s3cret-" + "f00d" * 8
+    message = error(write(written.format(t=password)), {}, root)
+    assert password[:8] not in message
+    assert shown in message
+
+
+def test_without_a_token_the_text_at_fault_is_shown(write, root: Path) -> None:
+    message = error(write("# token: comes later\nservers: *three\n"), {}, root)
+    assert "found undefined alias 'three'" in message
+
+
 def test_a_document_that_is_the_token_does_not_show_it(write, root: Path) -> None:
     error(write(f"token:{TOKEN}\n"), {}, root)  # no space after the colon: a plain scalar
 
@@ -711,6 +792,7 @@ def assert_loads_or_one_line(path: Path | None, environ: dict[str, str], root: P
 def test_any_yaml_text_loads_or_raises_config_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "fuzz.yaml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    path.chmod(0o600)
     assert_loads_or_one_line(path, {}, tmp_path)
 
 
@@ -719,6 +801,7 @@ def test_any_yaml_text_loads_or_raises_config_error(tmp_path: Path, text: str) -
 def test_any_bytes_load_or_raise_config_error(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "fuzz.yaml"
     path.write_bytes(data)
+    path.chmod(0o600)
     assert_loads_or_one_line(path, {}, tmp_path)
 
 
@@ -749,6 +832,7 @@ def test_any_yaml_value_loads_or_raises_config_error(
     document = {section: {leaf: value}} if section else {key: value}
     path = tmp_path / "fuzz.yaml"
     path.write_text(json.dumps(document))
+    path.chmod(0o600)
     assert_loads_or_one_line(path, {}, tmp_path)
 
 

@@ -346,6 +346,18 @@ def test_write_dropin_failure_is_one_error_and_leaves_nothing(tmp_path: Path) ->
     assert os.listdir(tmp_path / k3s.DROPIN_DIR) == ["50-sugarkube.yaml"]
 
 
+def test_write_dropin_leaves_no_copy_of_the_token_whatever_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt  # not an OSError: Ctrl-C on a foreground run, a MemoryError
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_dropin(tmp_path, Release("single", token=PASSWORD))
+    assert os.listdir(tmp_path / k3s.DROPIN_DIR) == []
+
+
 def test_remove_dropin(tmp_path: Path) -> None:
     operator = write(tmp_path, k3s.DROPIN_DIR + "/10-operator.yaml", "a: 1\n")
     write_dropin(tmp_path, Release("single"))

@@ -7,6 +7,7 @@ import re
 import stat
 import string
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from agent import const
-from agent.log import EventLog, Level, Redactor, format_event, load_salt
+from agent.log import EventLog, Level, Redactor, format_event, load_salt, printable
 
 SALT = b"0123456789abcdef"
 PSEUDONYM_IP = re.compile(r"ip-[0-9a-f]{6}")
@@ -112,6 +113,30 @@ def test_a_value_whose_str_raises_is_still_logged() -> None:
             raise RuntimeError("boom")
 
     assert format_event("e", {"v": Broken(), "n": 1}) == 'event=e v="<unprintable Broken>" n=1'
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("k3s-sugar-dev@node1.local (server)", "k3s-sugar-dev@node1.local (server)"),
+        ("Zürich 東京", "Zürich 東京"),
+        ("a\x1b[2Jb\x1b]0;title\x07", "a\\x1b[2Jb\\x1b]0;title\\x07"),
+        ("\x9b31m", "\\x9b31m"),  # C1 CSI: as good as ESC [ on many terminals
+        ("gnp.\u202eexe \u2066x\u2069 \u061c", "gnp.\\u202eexe \\u2066x\\u2069 \\u061c"),
+        ("zero\u200bwidth\ufeff", "zero\\u200bwidth\\ufeff"),
+        ("tag\U000e0041", "tag\\U000e0041"),
+        ("line\nbreak\ttab\r\u2028", "line\\nbreak\\ttab\\r\\u2028"),
+        ("back\\x1b", "back\\\\x1b"),  # a backslash in the name cannot pose as an escape
+        ("nb\u00a0sp", "nb\\xa0sp"),
+    ],
+)
+def test_printable_escapes_what_a_terminal_would_act_on(text: str, shown: str) -> None:
+    assert printable(text) == shown
+
+
+@given(st.text())
+def test_printable_leaves_no_control_format_or_separator_character(text: str) -> None:
+    assert all(c == " " or unicodedata.category(c)[0] not in "CZ" for c in printable(text))
 
 
 _KEYS = st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True).filter(lambda k: k != "event")

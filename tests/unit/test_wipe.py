@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, killall
+from agent import cli, const, killall
 from agent import wipe as wipe_module
 from agent.cluster import etcd, k3s
 from agent.config import load_settings
@@ -112,6 +112,7 @@ def test_cli_wipe_failure_is_one_line_exit_1_no_traceback(
                 _step("stopped k3s", "k3s running")]
 
     monkeypatch.setattr(wipe_module, "steps", broken)
+    monkeypatch.setattr(const, "STATE_DIR", tmp_path)  # the log's salt file
     config = tmp_path / "agent.yaml"
     config.write_text("token: lab-token-0123456789\n")
     config.chmod(0o600)
