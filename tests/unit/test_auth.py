@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from agent import tokens
 from agent.cluster import k3s
+from agent.cluster.peers import PeerTable
 from agent.config import load_settings
 from agent.daemon.release import unpinned_ca
-from agent.cluster.peers import PeerTable
 from agent.mdns import auth
 from agent.mdns.auth import AdvertKey, boot_nonce, boot_order
 from agent.mdns.records import Advert, Role, ServiceRecord, encode_txt

@@ -20,7 +20,7 @@ def test_a_member_release_removes_a_temporary_copy_of_the_dropin(tmp_path: Path)
     settings = load_settings(None, {"SUGARKUBE_TOKEN": "lab-token-0123456789"}, root=tmp_path)
     release.write(
         tmp_path, Release("member"), settings=settings, iface=Interface("eth0", 2, "10.0.0.2"),
-        server_address=None, stored=ballot.Ballot.new(), damaged=False,
+        server=None, stored=ballot.Ballot.new(), damaged=False,
         log=EventLog(io.StringIO()),
     )
     assert not stale.exists()
