@@ -32,7 +32,7 @@ class Found:
 async def discover(settings: Settings, timeout: float, log: EventLog) -> tuple[list[Found], float]:
     """Browse until Avahi's AllForNow plus a settle time, or timeout; (found, ms_elapsed)."""
     started = time.monotonic()
-    bus = AvahiBus(asyncio.get_running_loop())
+    bus = AvahiBus(asyncio.get_running_loop(), log=log)
     try:
         await bus.open()
     except AvahiError as err:

@@ -5,6 +5,14 @@ module bridges both ways: coroutines schedule D-Bus calls onto that thread and a
 replies; signals are unpacked there and handed to the asyncio loop as plain tuples. Nothing
 outside this module sees a GLib or pydbus object.
 
+Signals are taken only from the connection that owns org.freedesktop.Avahi now: any client of the
+system bus may send a signal that looks like Avahi's (to our unique name, past every match
+rule). GDBus delivers it to a subscription on the well-known name before its fix for
+CVE-2024-34397 (GLib 2.80.1, Debian 2.74.6-2+deb12u1) and drops it unseen after. So the
+subscriptions name no sender and this module checks each signal against the owner it follows
+(GetNameOwner, then NameOwnerChanged in the connection's order): the same on any GLib, and a
+forger is counted and logged.
+
 Calls are made with GDBus' asynchronous API and explicit signatures (avahi/defs.py) rather than
 pydbus proxies: a proxy introspects its object with a blocking round trip first, and pydbus has
 no non-blocking call. Every call has a timeout: GDBus' default is G_MAXINT ms (~25 days).
@@ -24,12 +32,14 @@ from gi.repository import Gio, GLib
 
 from agent import const
 from agent.avahi import defs
+from agent.log import EventLog
 
 SignalHandler = Callable[[str, tuple[Any, ...]], None]  # (member, args)
 SignalTap = Callable[[str, str, str, tuple[Any, ...]], None]  # (path, interface, member, args)
 PresenceHandler = Callable[[defs.ServerState | None], None]  # None: avahi-daemon is gone
 
 _PENDING_PATHS_MAX = 64  # signals kept for objects not yet registered (see _dispatch)
+_IGNORED_SENDERS_LOGGED = 16  # forgers named in the log; later ones are only counted
 
 
 class AvahiError(Exception):
@@ -69,10 +79,12 @@ class AvahiBus:
         loop: asyncio.AbstractEventLoop,
         address: str | None = None,
         tap: SignalTap | None = None,
+        log: EventLog | None = None,
     ) -> None:
         self._loop = loop
         self._address = address
-        self._tap = tap  # sees every signal first (SUGARKUBE_DEBUG_MDNS)
+        self._tap = tap  # sees every signal taken, first (SUGARKUBE_DEBUG_MDNS)
+        self._log = log
         self._context = GLib.MainContext.new()
         self._glib_loop = GLib.MainLoop.new(self._context, False)
         self._thread: threading.Thread | None = None
@@ -82,6 +94,11 @@ class AvahiBus:
         self._handlers: dict[str, SignalHandler] = {}
         self._pending: OrderedDict[str, list[tuple[str, tuple[Any, ...]]]] = OrderedDict()
         self._presence_handlers: list[PresenceHandler] = []
+        # The unique name owning org.freedesktop.Avahi; read and written on the GLib thread only.
+        self._owner: str | None = None
+        self._owner_known = False  # until then nothing is taken, and nobody is blamed
+        self._ignored_from: set[str] = set()
+        self.signals_ignored = 0  # signals dropped because their sender was not the owner
         self.state: defs.ServerState | None = None  # None while avahi-daemon owns no name
         self.closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,6 +117,7 @@ class AvahiBus:
         self._thread = threading.Thread(target=self._run_glib, name="glib", daemon=True)
         self._thread.start()
         await self._on_glib(self._subscribe_all)
+        await self._learn_owner()
         await self._refresh_presence()
 
     async def close(self) -> None:
@@ -228,6 +246,7 @@ class AvahiBus:
     def _subscribe_all(self) -> None:
         # One match rule per interface, added before any Avahi object exists: a per-object rule
         # could only be added once the object's path is known, after it may have signalled.
+        # No sender: _on_signal checks it against the owner (module docstring).
         assert self._con is not None
         con = self._con
         for interface in (
@@ -239,7 +258,7 @@ class AvahiBus:
         ):
             self._bus_subscriptions.append(
                 con.signal_subscribe(
-                    defs.BUS_NAME, interface, None, None, None,
+                    None, interface, None, None, None,
                     Gio.DBusSignalFlags.NONE, self._on_signal,
                 )
             )
@@ -257,18 +276,58 @@ class AvahiBus:
                 self._con.signal_unsubscribe(sid)
         self._bus_subscriptions.clear()
 
+    async def _learn_owner(self) -> None:
+        """Who owns org.freedesktop.Avahi now (asked after NameOwnerChanged is subscribed)."""
+        try:
+            (owner,) = await self.call(
+                defs.DBUS_PATH, defs.DBUS_IFACE, "GetNameOwner", ("(s)", "(s)"),
+                (defs.BUS_NAME,), destination=defs.DBUS_NAME,
+            )
+        except AvahiError as err:
+            if err.name != defs.ERR_NAME_HAS_NO_OWNER:
+                raise
+            owner = None
+
+        def seed() -> None:
+            # A NameOwnerChanged already handled on this thread is at least as new as the reply.
+            if not self._owner_known:
+                self._owner, self._owner_known = owner, True
+
+        await self._on_glib(seed)
+
     def _on_signal(
         self,
         _con: Gio.DBusConnection,
-        _sender: str,
+        sender: str,
         path: str,
         interface: str,
         member: str,
         params: GLib.Variant,
     ) -> None:
+        if sender == defs.DBUS_NAME and interface == defs.DBUS_IFACE:
+            # NameOwnerChanged(name, old, new), in the connection's order: it comes before any
+            # signal of the new owner, and after every signal of the old one.
+            self._owner, self._owner_known = params[2] or None, True
+        elif sender != self._owner:
+            if self._owner_known:
+                self._ignore(sender, path, interface, member)
+            return
         args = params.unpack()  # on the GLib thread: only plain Python values cross over
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._dispatch, path, interface, member, args)
+
+    def _ignore(self, sender: str, path: str, interface: str, member: str) -> None:
+        """Count a signal that did not come from avahi-daemon; log each sender once."""
+        self.signals_ignored += 1
+        if self._log is None or sender in self._ignored_from:
+            return
+        if len(self._ignored_from) < _IGNORED_SENDERS_LOGGED:
+            self._ignored_from.add(sender)
+            self._log.event(
+                "dbus_signal_ignored", "warning", sender=sender, owner=self._owner,
+                interface=interface.rsplit(".", 1)[-1], member=member, path=path,
+                count=self.signals_ignored,
+            )
 
     def _on_closed(self, _con: Gio.DBusConnection, _remote: bool, _err: Any) -> None:
         with contextlib.suppress(RuntimeError):

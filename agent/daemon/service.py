@@ -134,7 +134,7 @@ class Daemon:
 
     async def _open_dbus(self) -> int | None:
         """Avahi over D-Bus: the publisher and browser of agent/avahi/."""
-        bus = self.bus = AvahiBus(asyncio.get_running_loop(), tap=self._log_signal)
+        bus = self.bus = AvahiBus(asyncio.get_running_loop(), tap=self._log_signal, log=self.log)
         try:
             await bus.open()
         except AvahiError as err:

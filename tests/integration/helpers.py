@@ -46,14 +46,17 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
 
 
 class Agent:
-    """`python3 -m agent ARGS` in a node, its stderr in a log file."""
+    """`python3 -m agent ARGS` in a node (after `wrapper`, e.g. setpriv), stderr in a log file."""
 
-    def __init__(self, node: Node, log: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, node: Node, log: Path, *args: str, env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ):
         self.node = node
         self.log = log
         self.started_at = time.monotonic()
         self.proc = node.spawn(
-            PYTHON, "-m", "agent", *(args or ("run",)), log=log,
+            *wrapper, PYTHON, "-m", "agent", *(args or ("run",)), log=log,
             env=node_env(**{"SUGARKUBE_CLUSTER": "sugar", "SUGARKUBE_ENV": "dev", **(env or {})}),
         )
 
