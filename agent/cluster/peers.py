@@ -90,7 +90,8 @@ class PeerTable:
         return Change("removed", record.name, peer) if peer is not None else None
 
     def _ignore(self, name: str, reason: str) -> Change | None:
-        if self._peers.pop(name, None) is not None:
+        # A replay of a peer's older advert leaves the peer as its newer one said.
+        if reason != "replayed" and self._peers.pop(name, None) is not None:
             # A peer whose advert turned unusable is no longer one; say why once.
             self._ignored[name] = reason
             return Change("removed", name, reason=reason)

@@ -107,9 +107,10 @@ def test_a_replay_of_an_older_start_is_ignored_a_newer_start_taken() -> None:
     table = PeerTable("sugar", "dev", KEY)
     assert table.seen(record(signed(boot=boot_nonce(2, "aaaaaaaa")))) is not None
     old = table.seen(record(signed(boot=boot_nonce(1, "bbbbbbbb"))))
-    assert old is not None and (old.kind, old.reason) == ("removed", "replayed")
+    assert old is not None and (old.kind, old.reason) == ("ignored", "replayed")
+    assert [p.advert.boot for p in table.peers] == [boot_nonce(2, "aaaaaaaa")]  # kept as it was
     newer = table.seen(record(signed(boot=boot_nonce(3, "cccccccc"))))
-    assert newer is not None and newer.kind == "added"
+    assert newer is not None and newer.kind == "updated"
 
 
 def test_without_a_token_nothing_is_judged() -> None:
