@@ -162,6 +162,7 @@ LIVE_ROUND_QU = True  # unicast-response bit set (RFC 6762 §5.4): see agent/mdn
 LIVE_ROUND_START_TIMEOUT = 2.0  # s for the fresh instance's sockets to be on the loop (~1 ms here)
 LIVE_ROUND_CLOSE_TIMEOUT = 2.0  # s to wait for it to close; zeroconf's own close waits <= 1 s
 LIVE_ROUND_MAX_NAMES = 1024  # instances, and hosts with addresses, kept per round: flood bound
+PROC_UDP_LINES_MAX = 65536  # lines of /proc/net/udp read for a round's drop counters (bounded)
 IGNORED_MAX = 256  # adverts said once each in the journal as ignored; a flood only counts
 LIVE_ROUND_MAX_FOLLOWUP = 64  # instances asked about again per query; a cluster has a handful
 DNS_TYPE_A = 1  # RFC 1035 §3.2.2

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -195,8 +197,11 @@ class RoundCollector:
                 questions.append(DNSQuestion(full_name, const.DNS_TYPE_TXT, const.DNS_CLASS_IN))
         return questions
 
-    def incomplete(self) -> str | None:
-        """Why this round cannot stand as evidence of absence, or None."""
+    def incomplete(self, dropped: int = 0) -> str | None:
+        """Why this round cannot stand as evidence of absence, or None; DROPPED: datagrams the
+        kernel dropped on the round's sockets (a burst that filled the receive buffer)."""
+        if dropped:
+            return f"{dropped} datagram(s) dropped on a full receive buffer: their content unknown"
         if self.capped:
             return f"over {const.LIVE_ROUND_MAX_NAMES} names heard: the round could not keep all"
         unresolved = sum(k not in self._srv or k not in self._txt for k in self._instances)
@@ -280,6 +285,24 @@ def _drop_unparsable(zc: Zeroconf) -> None:
                 receive(data, addrs)
 
         protocol.datagram_received = guarded  # type: ignore[method-assign]
+
+
+def _dropped(zc: Zeroconf) -> int:
+    """Datagrams the kernel dropped on ZC's sockets since they opened: /proc/net/udp's `drops`
+    column, found by socket inode. A flood that fills the receive buffer hides what it pushed
+    out (a server's answer among them); no drop counter readable counts as none."""
+    inodes = set()
+    for transport in zc.engine.readers:
+        with suppress(OSError, AttributeError):
+            inodes.add(os.fstat(transport.get_extra_info("socket").fileno()).st_ino)
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with suppress(OSError, ValueError), open(table, encoding="ascii") as stream:
+            for line in itertools.islice(stream, 1, const.PROC_UDP_LINES_MAX):
+                fields = line.split()
+                if len(fields) >= 13 and int(fields[9]) in inodes:
+                    total += int(fields[12])
+    return total
 
 
 def _check_local(interface_addr: str) -> None:
@@ -369,6 +392,7 @@ async def live_round(
         if questions := collector.missing():
             zc.async_send(_query(questions))
         await asyncio.sleep(start + window - loop.time())
-    if complete and (why := collector.incomplete()):
+        dropped = _dropped(zc) if complete else 0
+    if complete and (why := collector.incomplete(dropped)):
         raise IncompleteRound(why)
     return collector.records()

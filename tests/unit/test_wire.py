@@ -353,3 +353,7 @@ def test_to_node_adverts_leaves_out_what_the_judge_refuses() -> None:
     adverts, ignored = to_node_adverts([live(), live(name="forged")], "", judge)
     assert [a.name for a in adverts] == [NODE1]
     assert ignored == {"forged": "unauthenticated"}
+
+
+def test_a_round_whose_socket_dropped_datagrams_is_incomplete() -> None:
+    assert "2 datagram(s) dropped" in (collect(avahi_answer()).incomplete(dropped=2) or "")
