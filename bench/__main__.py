@@ -2,7 +2,8 @@
 
 The JSON keeps every value, for `make bench-check` (bench/check.py) to compare ratios with.
 BENCH_N sets the repetitions (20), BENCH_FAULT_ROUNDS the rounds of each fault scenario (3; 0:
-skipped), BENCH_IDLE_S the idle window (300 s), BENCH_SCALE the lab
+skipped), BENCH_ADVERSARY_ROUNDS the rounds beside the lab's forger (3; 0: skipped),
+BENCH_IDLE_S the idle window (300 s), BENCH_SCALE the lab
 sizes of the scale figures ("3,10,25"; empty: skipped; 50 nodes did not converge on a 2-core
 machine: 51 avahi-daemons and agents starting at once starve it, see bench/scale.py).
 """
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import agent, discovery, faults, formation, idle, picture
+from bench import adversary, agent, discovery, faults, formation, idle, picture
 from bench.stats import markdown
 from tests.integration.helpers import Probe
 from tests.lab import Lab
@@ -46,6 +47,11 @@ def main() -> int:
     if fault_rounds > 0:
         fault_figures, fault_table = faults.measure(fault_rounds)
         figures += fault_figures
+    attack_rounds = int(os.environ.get("BENCH_ADVERSARY_ROUNDS", "3"))
+    attack_table = ""
+    if attack_rounds > 0:
+        attack_figures, attack_table = adversary.measure(attack_rounds)
+        figures += attack_figures
     figures += idle.measure(float(os.environ.get("BENCH_IDLE_S", "300")))
     sizes = [int(n) for n in os.environ.get("BENCH_SCALE", "3,10,25").split(",") if n]
     scale_rows: list[dict[str, Any]] = []
@@ -63,6 +69,8 @@ def main() -> int:
         f"{markdown(figures)}\n"
         + (f"\n## Fault suite (tests/integration/faults.py)\n\n{fault_table}\n" if fault_table
            else "")
+        + (f"\n## A forger on the LAN (tests/integration/hostile.py)\n\n{attack_table}\n"
+           if attack_table else "")
         + "".join(f"\nScale N={row['n']}: {row.get('error') or row['skipped']}\n"
                   for row in scale_rows if "error" in row or "skipped" in row)
         + f"\n![discovery and scale]({today}.png)\n"
