@@ -54,6 +54,8 @@ VERIFY_PLUGIN_TIMEOUT = 10.0  # s; default `timeout:` of an operator check (NPD 
 VERIFY_PLUGIN_TIMEOUT_MAX = 120.0  # s; larger `timeout:` values are a broken plugin file
 VERIFY_PLUGIN_FILE_CAP = 64 * 1024  # bytes; a larger checks.d file is a broken plugin file
 VERIFY_REPORT_LOCK_TIMEOUT = 10.0  # s; wait for another verifier appending to the same report
+VERIFY_REPORT_MAX = 256 * 1024  # bytes of report kept on the FAT boot partition: ~200 blocks of
+#   ~1.2 KiB (25 checks); an append past it drops the oldest blocks, never the new one
 VERIFY_MIGRATION_LOG = "/var/log/sugarkube/migrations.log"  # pi_node_verifier.sh's MIGRATION_LOG
 VERIFY_MIGRATION_LINES_MAX = 200  # migration-log lines copied into one report block
 
