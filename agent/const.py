@@ -37,6 +37,14 @@ SHUTDOWN_GRACE = 5.0  # s; withdraw adverts and stop within this; systemd's Time
 TXT_STRING_MAX = 255  # bytes per TXT string: one length octet (RFC 6763 §6.1)
 DNS_LABEL_MAX = 63  # bytes per DNS label, instance names too (RFC 1035 §2.3.4, RFC 6763 §4.1.1)
 
+# --- Tables keyed by what the network sends (agent/bounded.py; issue 12 item 7) ---
+PEER_TABLE_MAX = 1024  # entries of a table of names, hosts or keys heard (records ignored, servers
+#   refused or held down, hosts with another servers=): a cluster fills a handful; past it the
+#   oldest half goes
+VIEW_ADVERTS_MAX = 8192  # adverts the election's view keeps; past it the oldest of those no
+#   longer held go. Held ones stay well below: Avahi lists at most objects-per-client-max
+#   (1024: one resolver each) and live rounds add <= LIVE_ROUND_MAX_NAMES per LIVE_SEEN_TTL s
+
 # --- Verifier (agent/verify/) ---
 VERIFY_COMMAND_TIMEOUT = 10.0  # s; per tool run (timedatectl, nft, iptables, cloud-init, dbus-send)
 VERIFY_KUBECTL_TIMEOUT = 15.0  # s; kubectl also gets --request-timeout=VERIFY_KUBECTL_REQUEST

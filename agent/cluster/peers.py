@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from agent import const
+from agent.bounded import Bounded
 from agent.mdns.records import Advert, RecordError, ServiceRecord, parse_advert
 
 ChangeKind = Literal["added", "updated", "removed", "ignored"]
@@ -38,7 +40,8 @@ class PeerTable:
         self._cluster = cluster.lower()
         self._env = env.lower()
         self._peers: dict[str, Peer] = {}
-        self._ignored: dict[str, str] = {}  # name -> reason, so each is reported once
+        # name -> reason, so each is reported once (a flood of names: once per PEER_TABLE_MAX)
+        self._ignored: dict[str, str] = Bounded(const.PEER_TABLE_MAX)
 
     @property
     def peers(self) -> list[Peer]:

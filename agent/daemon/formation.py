@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from agent import const
 from agent.avahi import defs
+from agent.bounded import Bounded
 from agent.cluster import k3s
 from agent.cluster.election import (
     Action,
@@ -107,7 +108,8 @@ class FormationRunner:
         self._started = time.monotonic()
         self._wake = asyncio.Event()
         self._names: dict[str, Role] = {}  # instance names we published -> their role
-        self._proven: dict[str, str] = {}  # server instance name -> the address that passed
+        # server instance name -> the address that passed (the one released to is the newest)
+        self._proven: dict[str, str] = Bounded(const.PEER_TABLE_MAX)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wiped = False
         self.released = asyncio.Event()  # the gate opened

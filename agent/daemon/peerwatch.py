@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
+from agent import const
+from agent.bounded import Bounded
 from agent.cluster.election import Formation
 from agent.cluster.peers import Change, PeerTable
 from agent.cluster.view import NodeAdvert
@@ -39,7 +41,8 @@ class PeerWatch:
         self._state = state
         self._woken = woken
         self._table = PeerTable(settings.cluster, settings.env)
-        self._mismatched: dict[str, str] = {}  # peer host -> the other servers= it advertises
+        # peer host -> the other servers= it advertises
+        self._mismatched: dict[str, str] = Bounded(const.PEER_TABLE_MAX)
 
     async def run(self, browse: BrowserFactory) -> None:
         """Until cancelled: every browse event, observed."""
