@@ -61,6 +61,8 @@ VERIFY_PLUGIN_DIR = "/etc/sugarkube/checks.d"  # operator checks, one YAML file 
 VERIFY_PLUGIN_TIMEOUT = 10.0  # s; default `timeout:` of an operator check (NPD plugins: 5 s)
 VERIFY_PLUGIN_TIMEOUT_MAX = 120.0  # s; larger `timeout:` values are a broken plugin file
 VERIFY_PLUGIN_FILE_CAP = 64 * 1024  # bytes; a larger checks.d file is a broken plugin file
+VERIFY_PLUGIN_GRACE = 5.0  # s beyond a plugin's timeout before its wrapper (agent/verify/reaper.py)
+#   is killed too: it starts a Python (0.1-0.3 s on a Pi) and kills what the plugin left (ms)
 VERIFY_REPORT_LOCK_TIMEOUT = 10.0  # s; wait for another verifier appending to the same report
 VERIFY_REPORT_MAX = 256 * 1024  # bytes of report kept on the FAT boot partition: ~200 blocks of
 #   ~1.2 KiB (25 checks); an append past it drops the oldest blocks, never the new one
