@@ -38,6 +38,14 @@ TXT_STRING_MAX = 255  # bytes per TXT string: one length octet (RFC 6763 §6.1)
 DNS_LABEL_MAX = 63  # bytes per DNS label, instance names too (RFC 1035 §2.3.4, RFC 6763 §4.1.1)
 ELECTION_KEY_HEX = 16  # hex digits of an election key (64 random bits; agent/daemon/ballot.py)
 
+# --- Tables keyed by what the network sends (agent/bounded.py; issue 12 item 7) ---
+PEER_TABLE_MAX = 1024  # entries of a table of names, hosts or keys heard (records ignored, servers
+#   refused or held down, hosts with another servers=): a cluster fills a handful; past it the
+#   oldest half goes
+VIEW_ADVERTS_MAX = 8192  # adverts the election's view keeps; past it the oldest of those no
+#   longer held go. Held ones stay well below: Avahi lists at most objects-per-client-max
+#   (1024: one resolver each) and live rounds add <= LIVE_ROUND_MAX_NAMES per LIVE_SEEN_TTL s
+
 # --- Verifier (agent/verify/) ---
 VERIFY_COMMAND_TIMEOUT = 10.0  # s; per tool run (timedatectl, nft, iptables, cloud-init, dbus-send)
 VERIFY_KUBECTL_TIMEOUT = 15.0  # s; kubectl also gets --request-timeout=VERIFY_KUBECTL_REQUEST
@@ -54,7 +62,11 @@ VERIFY_PLUGIN_DIR = "/etc/sugarkube/checks.d"  # operator checks, one YAML file 
 VERIFY_PLUGIN_TIMEOUT = 10.0  # s; default `timeout:` of an operator check (NPD plugins: 5 s)
 VERIFY_PLUGIN_TIMEOUT_MAX = 120.0  # s; larger `timeout:` values are a broken plugin file
 VERIFY_PLUGIN_FILE_CAP = 64 * 1024  # bytes; a larger checks.d file is a broken plugin file
+VERIFY_PLUGIN_GRACE = 5.0  # s beyond a plugin's timeout before its wrapper (agent/verify/reaper.py)
+#   is killed too: it starts a Python (0.1-0.3 s on a Pi) and kills what the plugin left (ms)
 VERIFY_REPORT_LOCK_TIMEOUT = 10.0  # s; wait for another verifier appending to the same report
+VERIFY_REPORT_MAX = 256 * 1024  # bytes of report kept on the FAT boot partition: ~200 blocks of
+#   ~1.2 KiB (25 checks); an append past it drops the oldest blocks, never the new one
 VERIFY_MIGRATION_LOG = "/var/log/sugarkube/migrations.log"  # pi_node_verifier.sh's MIGRATION_LOG
 VERIFY_MIGRATION_LINES_MAX = 200  # migration-log lines copied into one report block
 

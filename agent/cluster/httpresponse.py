@@ -43,36 +43,117 @@ def parse_response(
     `eof` says the peer has closed: the answer is then a response or an error, never None. No
     input makes this read more than header_max + 2 * body_max bytes, or raise anything else.
     """
-    if len(data) > header_max + 2 * body_max:
-        raise ResponseError(f"response larger than {header_max + 2 * body_max} bytes")
-    end = data.find(b"\r\n\r\n", 0, header_max)
-    if end < 0:
-        if len(data) >= header_max:
-            raise ResponseError(f"response headers longer than {header_max} bytes")
-        _closed_inside(eof, "the response headers")
+    return ResponseReader(body_max=body_max, header_max=header_max).feed(data, eof=eof)
+
+
+class ResponseReader:
+    """One response fed as it arrives, as parse_response judges the bytes so far; each byte is
+    looked at a bounded number of times (a server that sends its answer a byte per TLS record
+    must cost the loop linear time: re-parsing all that came at every read was quadratic)."""
+
+    def __init__(
+        self, *, body_max: int = const.PROBE_BODY_MAX, header_max: int = const.PROBE_HEADER_MAX
+    ) -> None:
+        self._body_max, self._header_max = body_max, header_max
+        self._data = bytearray()
+        self._searched = 0  # the head's end (then a trailer's) is not before this, less 3
+        self._start = -1  # where the body starts, once the head is parsed
+        self._framing = ""  # "length", "chunked" or "close"
+        self._length = 0  # of a Content-Length body
+        self._status = 0
+        self._pos = 0  # chunked: the next chunk-size line
+        self._body = bytearray()  # chunked: the chunks so far
+
+    def feed(self, chunk: bytes, *, eof: bool) -> HttpResponse | None:
+        """Add `chunk`; the response once whole, else None; ResponseError if it is unusable."""
+        data, header_max, body_max = self._data, self._header_max, self._body_max
+        data += chunk
+        if len(data) > header_max + 2 * body_max:
+            raise ResponseError(f"response larger than {header_max + 2 * body_max} bytes")
+        if self._start < 0:
+            end = data.find(b"\r\n\r\n", max(self._searched - 3, 0), header_max)
+            if end < 0:
+                if len(data) >= header_max:
+                    raise ResponseError(f"response headers longer than {header_max} bytes")
+                self._searched = len(data)
+                _closed_inside(eof, "the response headers")
+                return None
+            if (done := self._head_parsed(end)) is not None:
+                return done
+        rest = len(data) - self._start
+        if self._framing == "chunked":
+            return self._dechunk(eof)
+        if self._framing == "length":
+            if rest >= self._length:
+                body = data[self._start : self._start + self._length]
+                return HttpResponse(self._status, bytes(body))
+            _closed_inside(eof, "the body")
+            return None
+        # Neither length nor chunking: the body runs to the close (RFC 9112 §6.3, rule 8).
+        if rest > body_max:
+            raise ResponseError(f"body exceeds the {body_max}-byte cap")
+        return HttpResponse(self._status, bytes(data[self._start :])) if eof else None
+
+    def _head_parsed(self, end: int) -> HttpResponse | None:
+        """Parse the head ending at `end` and choose the framing; a bodiless response whole."""
+        self._status, headers = _head(bytes(self._data[:end]))
+        self._start = self._pos = self._searched = end + 4
+        if self._status in (204, 304):
+            return HttpResponse(self._status, b"")
+        if b"transfer-encoding" in headers:
+            fields = headers[b"transfer-encoding"]
+            codings = [c.strip().lower() for v in fields for c in v.split(b",")]
+            if codings != [b"chunked"]:
+                raise ResponseError("unsupported transfer-encoding")
+            self._framing = "chunked"
+        elif b"content-length" in headers:
+            self._framing, self._length = "length", _content_length(headers[b"content-length"])
+            if self._length > self._body_max:
+                raise ResponseError(
+                    f"body of {self._length} bytes exceeds the {self._body_max}-byte cap"
+                )
+        else:
+            self._framing = "close"
         return None
-    status, headers = _head(data[:end])
-    rest = data[end + 4 :]
-    if status in (204, 304):
-        return HttpResponse(status, b"")
-    if b"transfer-encoding" in headers:
-        codings = [c.strip().lower() for v in headers[b"transfer-encoding"] for c in v.split(b",")]
-        if codings != [b"chunked"]:
-            raise ResponseError("unsupported transfer-encoding")
-        body = _dechunk(rest, eof, body_max, header_max)
-        return None if body is None else HttpResponse(status, body)
-    if b"content-length" in headers:
-        length = _content_length(headers[b"content-length"])
-        if length > body_max:
-            raise ResponseError(f"body of {length} bytes exceeds the {body_max}-byte cap")
-        if len(rest) >= length:
-            return HttpResponse(status, rest[:length])
-        _closed_inside(eof, "the body")
-        return None
-    # Neither length nor chunking: the body runs to the close (RFC 9112 §6.3, rule 8).
-    if len(rest) > body_max:
-        raise ResponseError(f"body exceeds the {body_max}-byte cap")
-    return HttpResponse(status, rest) if eof else None
+
+    def _dechunk(self, eof: bool) -> HttpResponse | None:
+        """The body of a chunked message (RFC 9112 §7.1), None while incomplete; the chunks
+        already whole are not read again."""
+        data, body = self._data, self._body
+        while True:
+            pos = self._pos
+            eol = data.find(b"\r\n", pos, pos + _CHUNK_LINE_MAX)
+            if eol < 0:
+                if len(data) - pos >= _CHUNK_LINE_MAX:
+                    raise ResponseError("chunk-size line too long")
+                _closed_inside(eof, "a chunk-size line")
+                return None
+            size_line = _CHUNK_SIZE.fullmatch(data, pos, eol)
+            if size_line is None:
+                raise ResponseError("malformed chunk-size line")
+            size = int(size_line[1], 16)
+            start = eol + 2
+            if size == 0:  # last chunk, then optional trailer fields and an empty line
+                if data.startswith(b"\r\n", start):
+                    return HttpResponse(self._status, bytes(body))
+                trailer_max = self._header_max
+                searched = max(self._searched - 3, start)
+                if data.find(b"\r\n\r\n", searched, start + trailer_max) >= 0:
+                    return HttpResponse(self._status, bytes(body))
+                if len(data) - start >= trailer_max:
+                    raise ResponseError("chunked trailer too long")
+                self._searched = len(data)
+                _closed_inside(eof, "the chunked trailer")
+                return None
+            if len(body) + size > self._body_max:
+                raise ResponseError(f"body exceeds the {self._body_max}-byte cap")
+            if len(data) < start + size + 2:
+                _closed_inside(eof, "a chunk")
+                return None
+            if data[start + size : start + size + 2] != b"\r\n":
+                raise ResponseError("chunk not followed by CRLF")
+            body += data[start : start + size]
+            self._pos = start + size + 2
 
 
 def _head(block: bytes) -> tuple[int, dict[bytes, list[bytes]]]:
@@ -102,42 +183,6 @@ def _content_length(fields: list[bytes]) -> int:
     if re.fullmatch(rb"[0-9]{1,12}", value) is None:
         raise ResponseError("invalid content-length")
     return int(value)
-
-
-def _dechunk(data: bytes, eof: bool, body_max: int, trailer_max: int) -> bytes | None:
-    """The body of a chunked message (RFC 9112 §7.1), None while incomplete."""
-    body = bytearray()
-    pos = 0
-    while True:
-        eol = data.find(b"\r\n", pos, pos + _CHUNK_LINE_MAX)
-        if eol < 0:
-            if len(data) - pos >= _CHUNK_LINE_MAX:
-                raise ResponseError("chunk-size line too long")
-            _closed_inside(eof, "a chunk-size line")
-            return None
-        size_line = _CHUNK_SIZE.fullmatch(data, pos, eol)
-        if size_line is None:
-            raise ResponseError("malformed chunk-size line")
-        size = int(size_line[1], 16)
-        start = eol + 2
-        if size == 0:  # last chunk, then optional trailer fields and an empty line
-            if data.startswith(b"\r\n", start):
-                return bytes(body)
-            if data.find(b"\r\n\r\n", start, start + trailer_max) >= 0:
-                return bytes(body)
-            if len(data) - start >= trailer_max:
-                raise ResponseError("chunked trailer too long")
-            _closed_inside(eof, "the chunked trailer")
-            return None
-        if len(body) + size > body_max:
-            raise ResponseError(f"body exceeds the {body_max}-byte cap")
-        if len(data) < start + size + 2:
-            _closed_inside(eof, "a chunk")
-            return None
-        if data[start + size : start + size + 2] != b"\r\n":
-            raise ResponseError("chunk not followed by CRLF")
-        body += data[start : start + size]
-        pos = start + size + 2
 
 
 def _closed_inside(eof: bool, what: str) -> None:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent import const
+from agent.bounded import Bounded, trim
 from agent.cluster import view as v
 from agent.cluster.actions import Event
 from agent.cluster.view import NodeAdvert, View
@@ -87,19 +89,24 @@ class Joins:
     joined_at: float = 0.0  # when
     waiting: Waiting | None = None
     failed: Waiting | None = None  # the last server that claimed to serve and failed its proof
-    _refused: set[str] = field(default_factory=set)
+    # Tables by name or key from the network, bounded (agent/bounded.py): the refused and the
+    # passed lose their oldest past PEER_TABLE_MAX; the others only entries no longer in force.
+    _refused: dict[str, None] = field(default_factory=lambda: Bounded(const.PEER_TABLE_MAX))
     _retry_at: dict[str, float] = field(default_factory=dict)  # not proven again before
     _dead_until: dict[str, float] = field(default_factory=dict)  # claimed serving, failed
     _blocked_since: dict[tuple[str, str], float] = field(default_factory=dict)
     etcd: EtcdMembers | None = None  # as a server: the last answer of its etcd
     _grant: tuple[str, str, float] | None = None  # (ident, key, since) of the node admitted
-    _passed: set[str] = field(default_factory=set)  # let their grants lapse: come last
+    # let their grants lapse: come last
+    _passed: dict[str, None] = field(default_factory=lambda: Bounded(const.PEER_TABLE_MAX))
 
     def proof_done(
         self, now: float, advert: NodeAdvert, ok: bool, reason: str, why: str = ""
     ) -> Event:
         """Record a wire proof's outcome (`why`: its cause, for STATUS); the event to log."""
         self.proving = None
+        for held in (self._retry_at, self._dead_until):
+            trim(held, const.PEER_TABLE_MAX, lambda _, until: until <= now)
         if ok:
             self.joined, self.joined_at, self.waiting, self.failed = advert, now, None, None
             return Event("wire_proof_passed", (("server", advert.host),))
@@ -108,7 +115,7 @@ class Joins:
             if self.authenticated:
                 self._retry_at[advert.name] = now + self.dead_hold
             else:
-                self._refused.add(advert.name)
+                self._refused[advert.name] = None
             self.failed = Waiting(advert, now, why)
             return Event("join_refused", (("server", advert.host), ("reason", reason)))
         if advert.phase != v.SERVING:
@@ -189,13 +196,13 @@ class Joins:
             if not taken and now < since + self.order_wait:
                 return key
             if not taken:
-                self._passed.add(ident)
+                self._passed[ident] = None
             self._grant = None
         fresh = sorted(self._fresh(view, now), key=lambda a: (a.ident in self._passed, a.key))
         if not fresh:
             return ""
         self._grant = (fresh[0].ident, fresh[0].key, now)
-        self._passed.discard(fresh[0].ident)
+        self._passed.pop(fresh[0].ident, None)
         return fresh[0].key
 
     def _may_admit(self, view: View, now: float, settled: bool) -> bool:
@@ -280,6 +287,8 @@ class Joins:
         seen in that state, all at once: a node that moves on (a joiner that serves) is waited
         for afresh."""
         live = {a.ident for a in view.live(now)}
+        waited = {a.ident for a, _ in pending}
+        trim(self._blocked_since, const.PEER_TABLE_MAX, lambda key, _: key[0] not in waited)
         for a, state in sorted(pending, key=lambda p: p[0].key):
             since = self._blocked_since.setdefault((a.ident, state), now)
             until = since + self.order_wait

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from agent import const
+from agent.bounded import Bounded
 from agent.mdns.auth import AdvertKey, boot_order
 from agent.mdns.records import Advert, RecordError, ServiceRecord, parse_advert
 
@@ -41,8 +43,10 @@ class PeerTable:
         self._env = env.lower()
         self._auth = auth
         self._peers: dict[str, Peer] = {}
-        self._ignored: dict[str, str] = {}  # name -> reason, so each is reported once
-        self._starts: dict[str, int] = {}  # election key -> the latest start its adverts showed
+        # name -> reason, so each is reported once (a flood of names: once per PEER_TABLE_MAX)
+        self._ignored: dict[str, str] = Bounded(const.PEER_TABLE_MAX)
+        # election key -> the latest start its adverts showed (authenticated adverts only)
+        self._starts: dict[str, int] = Bounded(const.PEER_TABLE_MAX)
 
     @property
     def peers(self) -> list[Peer]:

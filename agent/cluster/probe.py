@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from agent import const
 from agent.cluster.capture import Capture, describe, one_line
-from agent.cluster.httpresponse import HttpResponse, ResponseError, parse_response
+from agent.cluster.httpresponse import HttpResponse, ResponseError, ResponseReader
 from agent.tokens import CABundleError, ca_hash
 
 _T = TypeVar("_T")
@@ -389,14 +389,13 @@ async def _get(
         "Accept: */*\r\nConnection: close\r\n\r\n".encode("ascii")
     )
     await writer.drain()
-    data = b""
+    response = ResponseReader()
     while True:
         chunk = await reader.read(const.PROBE_READ_CHUNK)
-        data += chunk
-        response = parse_response(data, eof=not chunk)
-        if response is not None:
-            return response
-        if not chunk:  # parse_response raises at EOF; this only guards the loop's end
+        whole = response.feed(chunk, eof=not chunk)
+        if whole is not None:
+            return whole
+        if not chunk:  # feed raises at EOF; this only guards the loop's end
             raise ResponseError("connection closed before the response ended")
 
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from agent import const
+from agent.bounded import trim
 from agent.mdns.records import Advert, RecordError, Role, normalize_host, parse_advert
 
 if TYPE_CHECKING:  # wire.py imports zeroconf: the pure election need not load it
@@ -125,6 +127,7 @@ class View:
         same = old is not None and old.advert.key == advert.key
         live_at = old.live_at if old is not None and same else float("-inf")
         self._seen[advert.name] = _Seen(advert, now, live_at=live_at)
+        self._forget(now)
 
     def gone(self, now: float, name: str) -> None:
         """The browser removed this advert."""
@@ -149,6 +152,11 @@ class View:
                 self._seen[advert.name] = _Seen(
                     advert, started, live_at=started, browsed=False
                 )
+        self._forget(started)
+
+    def _forget(self, now: float) -> None:
+        """Past VIEW_ADVERTS_MAX names, drop the oldest adverts no longer held (a flood)."""
+        trim(self._seen, const.VIEW_ADVERTS_MAX, lambda _, seen: not self._held(now, seen))
 
     # -- questions ----------------------------------------------------------------------------
 

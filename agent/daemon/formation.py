@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from agent import const
 from agent.avahi import defs
+from agent.bounded import Bounded
 from agent.cluster import k3s
 from agent.cluster.election import (
     Action,
@@ -118,7 +119,7 @@ class FormationRunner:
         self._wake = asyncio.Event()
         self._names: dict[str, Role] = {}  # instance names we published -> their role
         # server instance name -> (the address that passed its proof, the CA it served)
-        self._proven: dict[str, tuple[str, str]] = {}
+        self._proven: dict[str, tuple[str, str]] = Bounded(const.PEER_TABLE_MAX)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wiped = False
         self.released = asyncio.Event()  # the gate opened

@@ -8,7 +8,9 @@ has no switch for them but an environment variable read at import, so `render()`
 `serve_metrics` is a small HTTP/1.x server on a socket bound here: `http.server` calls getfqdn()
 at bind, which hangs on nodes without DNS. One request per connection (`Connection: close`);
 the request head's size, the time to read it, the time to write the answer and the number of
-open connections are all bounded, and a bad request gets a 4xx, never a traceback.
+open connections are all bounded, and a bad request gets a 4xx, never a traceback. At the
+connection cap a newcomer closes the oldest connection that has not sent its request yet, so
+idle sockets, however many, never lock a scrape out.
 """
 
 from __future__ import annotations
@@ -296,6 +298,9 @@ class MetricsServer:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._connections: set[asyncio.Task[Any]] = set()
+        # Connections whose request head has not arrived, oldest first: the ones given up for a
+        # newcomer at the cap, so idle sockets cannot lock scrapes out.
+        self._idle: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -328,17 +333,25 @@ class MetricsServer:
         self._connections.add(task)
         try:
             if len(self._connections) > const.METRICS_CONNECTIONS_MAX:
-                writer.transport.abort()  # a reset costs less than reading a request to refuse
-                return
-            await self._answer(reader, writer)
+                if not self._idle:
+                    writer.transport.abort()  # a reset costs less than reading a request
+                    return
+                oldest = next(iter(self._idle))
+                self._idle.pop(oldest).transport.abort()  # its reader ends at once
+            self._idle[task] = writer
+            await self._answer(task, reader, writer)
         finally:
             self._connections.discard(task)
+            self._idle.pop(task, None)
             await _close(writer)
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _answer(
+        self, task: asyncio.Task[Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             async with asyncio.timeout(const.METRICS_READ_TIMEOUT):
                 method, target = await _read_head(reader)
+            self._idle.pop(task, None)  # a scrape under way: never given up for a newcomer
             response = self._route(method, target)
         except _BadRequest as bad:
             response = _response(bad.status, f"{bad.status.phrase}\n".encode())

@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from agent import const
+from agent.bounded import Bounded
 from agent.cluster.election import Formation
 from agent.cluster.peers import Change, PeerTable
 from agent.cluster.view import NodeAdvert
@@ -45,8 +46,9 @@ class PeerWatch:
         self._authenticated = key is not None
         self._table = PeerTable(settings.cluster, settings.env, key)
         self.judge = self._table.judge
-        self._mismatched: dict[str, str] = {}  # peer host -> the other servers= it advertises
-        self._ignored: dict[str, str] = {}  # instance name -> why, each said once (bounded)
+        # peer host -> the other servers= it advertises
+        self._mismatched: dict[str, str] = Bounded(const.PEER_TABLE_MAX)
+        self._ignored: dict[str, str] = {}  # instance name -> why, each said once (IGNORED_MAX)
         self._root = root
         self._split_shown = ""  # the split brain last said ("" none)
 

@@ -5,6 +5,11 @@ the verdict (by default 0 pass, 1 fail, 2 skip; any other code, a signal or the 
 fail). Output is capped; the first line of it is the detail. A file that cannot be read or parsed
 becomes a `fail` under the file's own name; it never stops the verifier. See
 etc/checks.d/example.yaml.disabled for the format.
+
+Plugins run as root, so whoever can write one runs code as root: a file, its directory, or the
+command it names, not owned by root or writable by group or others, is refused (a `fail` saying
+so) and nothing of it runs. The command runs under agent/verify/reaper.py, which kills
+everything it started when it ends or times out, new sessions and double forks included.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +36,7 @@ from agent.verify.result import Status, Verdict, failed
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_CODES: Mapping[int, Status] = {0: Status.PASS, 1: Status.FAIL, 2: Status.SKIP}
 _KEYS = frozenset({"name", "command", "timeout", "exit_codes", "description"})
+REAPER = Path(__file__).with_name("reaper.py")
 
 
 class PluginError(Exception):
@@ -111,15 +119,35 @@ def parse_spec(text: str) -> PluginSpec:
     )
 
 
+def _unsafe(what: str, status: os.stat_result) -> str:
+    """Why `what` may not choose what runs as root (owner, mode), or "" when it may."""
+    mode = stat.S_IMODE(status.st_mode)
+    if status.st_uid != 0:
+        return f"{what} is owned by uid {status.st_uid}, not root"
+    writers = " and ".join(w for bit, w in ((0o020, "group"), (0o002, "others")) if mode & bit)
+    return f"{what} is writable by {writers} (mode {mode:04o})" if writers else ""
+
+
+def _refused(reason: str) -> str:
+    return f"refused, not run: {reason}; make it root's and not group- or world-writable"
+
+
 def _read_capped(path: Path) -> str:
-    """A regular file's UTF-8 text, refusing FIFOs, devices and files over the cap."""
+    """A regular file's UTF-8 text, refusing FIFOs, devices, files over the cap and files
+    (or a directory) root does not alone control."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise PluginError(f"cannot read: {exc.strerror or exc}") from exc
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise PluginError("not a regular file")
+        reason = _unsafe("the file", status) or _unsafe(
+            f"its directory {const.VERIFY_PLUGIN_DIR}", os.stat(path.parent)
+        )
+        if reason:
+            raise PluginError(_refused(reason))
         data = os.read(fd, const.VERIFY_PLUGIN_FILE_CAP + 1)
     except OSError as exc:
         raise PluginError(f"cannot read: {exc.strerror or exc}") from exc
@@ -138,8 +166,17 @@ def run_plugin(probe: Probe, spec: PluginSpec) -> Verdict:
     exe = spec.argv[0] if spec.argv[0].startswith("/") else probe.which(spec.argv[0])
     if exe is None or not os.access(exe, os.X_OK) or not os.path.isfile(exe):
         return failed(f"command {spec.argv[0]!r} not found or not executable")
-    result = probe.run_argv([exe, *spec.argv[1:]], timeout=spec.timeout)
-    if result.timed_out:
+    try:
+        reason = _unsafe(f"command {exe}", os.stat(exe)) or _unsafe(
+            f"the directory of command {exe}", os.stat(os.path.dirname(exe))
+        )
+    except OSError as exc:
+        reason = f"command {exe} cannot be checked: {exc.strerror or exc}"
+    if reason:
+        return failed(_refused(reason))
+    wrapped = [sys.executable, "-I", "-S", str(REAPER), f"{spec.timeout!r}", exe, *spec.argv[1:]]
+    result = probe.run_argv(wrapped, timeout=spec.timeout + const.VERIFY_PLUGIN_GRACE)
+    if result.timed_out or result.returncode == -signal.SIGALRM:  # the reaper's timeout
         return failed(f"timed out after {spec.timeout:g} s and was killed")
     code = result.returncode if result.returncode is not None else -1
     lines = [ln.strip() for ln in (result.stdout + "\n" + result.stderr).splitlines() if ln.strip()]

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ from agent.verify.result import CheckResult, Status, overall
 
 NO_MIGRATIONS = "_No migration steps recorded yet._"
 _TMP_MARK = ".verify-tmp"
+_BLOCK_START = re.compile(rb"\n## ")  # a block's first line: `## <timestamp>`, nothing else is
 
 
 class ReportError(Exception):
@@ -150,12 +152,25 @@ def _replace(directory: Path, path: Path, content: bytes, dir_fd: int) -> None:
             raise
 
 
+def capped(existing: bytes, block: bytes, cap: int | None = None) -> bytes:
+    """`existing` + `block` within `cap` bytes (VERIFY_REPORT_MAX): whole blocks of `existing`
+    are dropped oldest first (anything before its first block goes with that one); `block` is
+    always kept whole, alone if it is larger than the cap."""
+    cap = const.VERIFY_REPORT_MAX if cap is None else cap
+    excess = len(existing) + len(block) - cap
+    if excess <= 0:
+        return existing + block
+    starts = (m.start() + 1 for m in _BLOCK_START.finditer(existing))
+    return existing[next((s for s in starts if s >= excess), len(existing)) :] + block
+
+
 def append_report(path: Path, block: str) -> None:
     """Append `block` to the report at `path` so that a crash at any point loses no earlier block.
 
     The whole new file goes to a temp file in the same directory, is fsynced and renamed over
     the report, then the directory is fsynced (the boot partition is FAT: no O_APPEND atomicity
-    across power loss). Concurrent appenders serialise on a flock of the directory.
+    across power loss). Past VERIFY_REPORT_MAX the oldest blocks are dropped (`capped`).
+    Concurrent appenders serialise on a flock of the directory.
     Raises ReportError when the directory is missing, read-only or otherwise unwritable.
     """
     directory = path.parent
@@ -174,7 +189,7 @@ def append_report(path: Path, block: str) -> None:
             existing = b""
         if existing and not existing.endswith(b"\n"):
             existing += b"\n"
-        _replace(directory, path, existing + block.encode("utf-8"), dir_fd)
+        _replace(directory, path, capped(existing, block.encode("utf-8")), dir_fd)
     except OSError as exc:
         raise ReportError(
             f"cannot write the verifier report to {path}: {exc.strerror or exc}"

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from agent.cluster import probe
 from agent.cluster.capture import HandshakePacket, summarize_handshake
-from agent.cluster.httpresponse import HttpResponse, ResponseError, parse_response
+from agent.cluster.httpresponse import HttpResponse, ResponseError, ResponseReader, parse_response
 from agent.cluster.probe import RefusalReason, choose_address, explain, wire_proof
 
 # --- choose_address -----------------------------------------------------------------------------
@@ -248,6 +252,76 @@ def test_chunked_bodies_survive_any_chunking_and_any_split(
     partial = parse_response(response[:cut], eof=False)
     assert partial is None or cut == len(response)
     assert parse_response(response, eof=False) == HttpResponse(200, body)
+
+
+def _outcome(parse: Callable[..., HttpResponse | None], data: bytes, **kw: Any) -> object:
+    """What a parse of `data` gave: the response, None, or the ResponseError's message."""
+    try:
+        return parse(data, **kw)
+    except ResponseError as exc:
+        return f"error: {exc}"
+
+
+_RESPONSES = st.one_of(
+    st.builds(lambda s, h, rest: b"\r\n".join([s, *h]) + b"\r\n\r\n" + rest,
+              st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 2"]),
+              _HEADER_LINES, st.binary(max_size=300)),
+    st.builds(lambda body, sizes, trailer: chunked(body, sizes, trailer=trailer),
+              st.binary(max_size=300), st.lists(st.integers(1, 90), max_size=6),
+              st.sampled_from([b"", b"X-Trailer: 1\r\n", b"bad trailer"])),
+    st.binary(max_size=300),
+)
+
+
+@settings(max_examples=300)
+@given(_RESPONSES, st.lists(st.integers(0, 400), max_size=8), st.booleans())
+def test_fed_in_pieces_a_response_reads_as_parse_response_reads_each_prefix(
+    response: bytes, cuts: list[int], eof: bool
+) -> None:
+    reader = ResponseReader(body_max=128, header_max=128)
+    done = 0
+    for cut in [*sorted(c for c in cuts if c <= len(response)), len(response)]:
+        last = cut == len(response) and eof
+        got = _outcome(reader.feed, response[done:cut], eof=last)
+        done = cut
+        assert got == _outcome(
+            parse_response, response[:cut], eof=last, body_max=128, header_max=128
+        )
+        if got is not None:
+            return  # a response or an error ends the reading
+
+
+class Trickle:
+    """A connection that hands `data` over one byte per read, as asyncio's reader does when a
+    server sends one TLS record per byte; what is written to it is dropped."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    async def read(self, _: int) -> bytes:
+        await asyncio.sleep(0)
+        self._pos += 1
+        return self._data[self._pos - 1 : self._pos]
+
+    def write(self, _: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+
+def test_cacerts_sent_a_byte_at_a_time_is_read_in_linear_time() -> None:
+    # The largest body the cap allows, in 1-byte chunks: re-parsing all that came at every
+    # read took minutes (measured on x86: > 60 s); read once, it takes a fraction of a second.
+    response = chunked(b"A" * 20000, [1] * 20000)
+    server = Trickle(response)
+
+    async def read() -> HttpResponse:
+        return await asyncio.wait_for(probe._get(server, server, "x"), 10)  # type: ignore[arg-type]
+
+    started = time.monotonic()
+    assert asyncio.run(read()) == HttpResponse(200, b"A" * 20000)
+    assert time.monotonic() - started < 5  # measured on x86: 0.3 s
 
 
 # --- summarize_handshake ------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,95 @@ def test_a_hanging_plugin_is_killed_at_its_timeout(node: FakeNode) -> None:
     results = operator_results(node)
     assert time.monotonic() - started < 5
     assert results == [CheckResult("hang", Status.FAIL, "timed out after 0.5 s and was killed")]
+
+
+def marked(marker: str) -> list[int]:
+    """The processes whose command line holds `marker` (only this test's escapees do)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A sleep duration no other process uses (60 s and some), as a mark on escapees; any
+    left at the end are killed, by the PIDs the mark finds."""
+    mark = f"60.{random.randrange(10**8, 10**9)}"
+    yield mark
+    for pid in marked(mark):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# The plugins' PATH is the fake node's bin: the tools they use are named in full.
+ESCAPES = (
+    "/usr/bin/setsid /bin/sleep {m} &\n"  # a new session and process group
+    "(/bin/sleep {m} & ) &\n"  # a double fork: the sleep is an orphan at once
+    "/usr/bin/setsid /bin/sh -c '/bin/sleep {m} & exit' </dev/null >/dev/null 2>&1 &\n"  # both
+)
+
+
+def test_nothing_a_plugin_starts_outlives_it(node: FakeNode, marker: str) -> None:
+    node.tool("escape", ESCAPES.format(m=marker) + "/bin/sleep 0.3; echo started 3; exit 0")
+    plugin(node, "escape.yaml", "name: escape\ncommand: escape\ntimeout: 5\n")
+    started = time.monotonic()
+    results = operator_results(node)
+    elapsed = time.monotonic() - started
+    assert results == [CheckResult("escape", Status.PASS, "started 3")]
+    assert marked(marker) == []
+    assert elapsed < 4  # it ended when the plugin did, not at its timeout
+
+
+def test_nothing_a_plugin_starts_outlives_its_timeout(node: FakeNode, marker: str) -> None:
+    node.tool("escape", ESCAPES.format(m=marker) + f"exec /bin/sleep {marker}")
+    plugin(node, "escape.yaml", "name: escape\ncommand: escape\ntimeout: 0.5\n")
+    started = time.monotonic()
+    results = operator_results(node)
+    assert time.monotonic() - started < 5
+    assert results == [CheckResult("escape", Status.FAIL, "timed out after 0.5 s and was killed")]
+    assert marked(marker) == []
+
+
+@pytest.mark.parametrize(
+    ("unsafe", "reason"),
+    [
+        ("file-owner", "the file is owned by uid 1000, not root"),
+        ("file-group", "the file is writable by group (mode 0664)"),
+        ("file-world", "the file is writable by others (mode 0646)"),
+        ("dir-world", "checks.d is writable by group and others (mode 1777)"),
+        ("dir-owner", "its directory /etc/sugarkube/checks.d is owned by uid 1000, not root"),
+        ("command-world", "command {bin}/ran is writable by others (mode 0757)"),
+        ("command-dir-group", "directory of command {bin}/ran is writable by group (mode 0775)"),
+    ],
+)
+def test_a_plugin_root_does_not_alone_control_is_refused_and_not_run(
+    node: FakeNode, tmp_path: Path, unsafe: str, reason: str
+) -> None:
+    ran = tmp_path / "it-ran"
+    tool = node.tool("ran", f"touch {ran}")
+    plugin(node, "ran.yaml", "name: ran\ncommand: ran\n")
+    file = node.root / CHECKS_D.lstrip("/") / "ran.yaml"
+    change = {
+        "file-owner": lambda: os.chown(file, 1000, 1000),
+        "file-group": lambda: file.chmod(0o664),
+        "file-world": lambda: file.chmod(0o646),
+        "dir-world": lambda: file.parent.chmod(0o1777),
+        "dir-owner": lambda: os.chown(file.parent, 1000, 0),
+        "command-world": lambda: tool.chmod(0o757),
+        "command-dir-group": lambda: node.bin.chmod(0o775),
+    }
+    change[unsafe]()
+    [result] = operator_results(node)
+    assert result.status is Status.FAIL
+    assert reason.format(bin=node.bin) in result.detail
+    assert "refused, not run" in result.detail
+    assert "\n" not in result.detail
+    assert not ran.exists()
 
 
 def test_a_plugin_printing_10_mb_is_capped(node: FakeNode) -> None:

@@ -22,6 +22,7 @@ from agent.verify.inventory import Inventory
 from agent.verify.report import (
     ReportError,
     append_report,
+    capped,
     format_timestamp,
     render_json,
     render_markdown,
@@ -174,6 +175,54 @@ def test_append_removes_temp_files_of_appenders_that_died(tmp_path: Path) -> Non
     ]
 
 
+def blocks(count: int, start: int = 0) -> list[str]:
+    """`count` report blocks an hour apart, from hour `start`."""
+    return [render_markdown(RESULTS, INVENTORY, WHEN + timedelta(hours=h))
+            for h in range(start, start + count)]
+
+
+def test_past_the_cap_the_oldest_blocks_go_and_the_newest_stays_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = len(blocks(1)[0])
+    monkeypatch.setattr(const, "VERIFY_REPORT_MAX", 3 * size + size // 2)
+    report = tmp_path / "first-boot-report.txt"
+    report.write_text("operator notes\n")
+    written = blocks(6)
+    for block in written:
+        append_report(report, block)
+        assert report.stat().st_size <= const.VERIFY_REPORT_MAX
+    assert report.read_text() == "".join(written[-3:])
+
+
+def test_a_block_larger_than_the_cap_replaces_the_report_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(const, "VERIFY_REPORT_MAX", 100)
+    report = tmp_path / "first-boot-report.txt"
+    append_report(report, "## 2025-03-01T00:00:00+00:00\n\nsmall\n\n")
+    big = blocks(1)[0]
+    append_report(report, big)
+    assert report.read_text() == big
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2000), min_size=1, max_size=30),
+       st.integers(min_value=0, max_value=6000))
+def test_appends_keep_the_newest_blocks_that_fit_together(steps: list[int], cap: int) -> None:
+    report, written = b"", []
+    for hour, step in enumerate(steps):
+        when = WHEN + timedelta(hours=hour)
+        written.append(render_markdown(RESULTS[:2], INVENTORY, when, ["x" * step]).encode())
+        report = capped(report, written[-1], cap)
+        assert len(report) <= max(cap, len(written[-1]))
+    newest, total = 0, 0
+    for block in reversed(written):
+        if newest and total + len(block) > cap:
+            break
+        newest, total = newest + 1, total + len(block)
+    assert report == b"".join(written[-newest:])
+
+
 @pytest.mark.parametrize("where", ["missing/report.txt", "a-file/report.txt", "report-dir"])
 def test_an_unwritable_place_is_a_report_error(tmp_path: Path, where: str) -> None:
     (tmp_path / "a-file").write_text("")
@@ -226,6 +275,8 @@ from pathlib import Path
 from agent.verify.inventory import Inventory
 from agent.verify.report import write_report
 from agent.verify.result import CheckResult, Status
+from agent import const
+const.VERIFY_REPORT_MAX = 1 << 30  # ~100 blocks of 5 KiB survive: crash safety, not the cap
 index, path = int(sys.argv[1]), Path(sys.argv[2])
 results = [CheckResult(f"check_{n}", list(Status)[(index + n) % 3], "") for n in range(40)]
 inventory = Inventory(f"run-{index}", "Linux 6.6", "Raspberry Pi 5")
