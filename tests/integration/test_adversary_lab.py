@@ -16,8 +16,8 @@ from tests.integration.hostile import (
     Adversary,
     form_beside_a_forger,
     ignored,
-    removals,
     split_brains,
+    still_a_peer,
 )
 
 
@@ -40,14 +40,14 @@ def test_three_nodes_form_one_cluster_beside_a_forger_and_give_it_no_token(
     assert pis[1].agent is not None
     pis[1].agent.wait_event("advert_published", 30)
     time.sleep(2.0)
-    name = "k3s-sugar-dev@node2.local (server)"
     others = (pis[0], pis[2])
-    removed = [removals(pi, name) for pi in others]
     liar.command("replay")
     wait_for("the liar replayed", lambda: liar.counts()["replayed"] > 0, 10)
     time.sleep(3.0)
     assert all(any("@node2.local (" in n for n in ignored(pi, "replayed")) for pi in others)
-    assert [removals(pi, name) for pi in others] == removed  # the peer stays as it was
+    # The peer stays (node2's avahi-daemon may rename its service on the replay's conflicting
+    # records: Avahi's own defence, and the MAC covers the name without Avahi's ` #2`).
+    assert all(still_a_peer(pi, "k3s-sugar-dev@node2.local (server)") for pi in others)
     assert_one_cluster(pis, 3)
     assert (len(liar.tokens()), split_brains(pis)) == (0, 0)
 
