@@ -94,7 +94,7 @@ class Formation(JoinSteps):
     key: str
     servers: int
     member: Role | None = None  # SERVER or AGENT when the node held cluster state at start
-    ca_on_disk: str = ""  # a member's cluster CA hash, advertised before k3s serves it
+    ca_on_disk: str = ""  # the cluster CA hash on disk (a member's, or once k3s wrote it)
     can_join: bool = True  # False without a token: k3s cannot join anything
     authenticated: bool = False  # adverts carry a valid MAC (agent/mdns/auth.py): see Joins
     ineligible: str = ""  # why k3s cannot run here ("" when it can): the node does not stand
@@ -190,6 +190,11 @@ class Formation(JoinSteps):
     def local_api(self, now: float, ca_sha256: str) -> None:
         """The local k3s API answers on 6443, serving this CA."""
         self._local_ca, self._api_at = ca_sha256, now
+
+    def ca_written(self, ca_sha256: str) -> None:
+        """k3s wrote the cluster CA to this node's disk: the advert names it from now on, before
+        the API serves (joiners pin the token to it; a clock behind may keep the API unproven)."""
+        self.ca_on_disk = ca_sha256
 
     def etcd_members(self, now: float, members: int, learners: int) -> None:
         """This server's etcd lists `members`, `learners` of them learners (k3s's /db/info)."""

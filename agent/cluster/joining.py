@@ -141,7 +141,7 @@ class JoinSteps:
         elif release.mode == "member":
             advert = Advertise(Role.SERVER, v.STARTING, leader, self.ca_on_disk, vote, admit)
         else:
-            advert = Advertise(Role.BOOTSTRAP, v.STARTING, leader, vote=vote, admit=admit)
+            advert = Advertise(Role.BOOTSTRAP, v.STARTING, leader, self.ca_on_disk, vote, admit)
         self._advertise(actions, advert)
 
     def _admission_pace(self: _Machine, now: float) -> float | None:

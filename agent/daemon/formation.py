@@ -383,6 +383,11 @@ class FormationRunner:
                 self._log.event("k3s_serving", ms_elapsed=round(elapsed))
                 self._wake.set()
                 return
+            if not self.machine.ca_on_disk:
+                ca = await asyncio.to_thread(k3s.ca_on_disk, self._root)
+                if ca:
+                    self.machine.ca_written(ca)
+                    self._wake.set()
             # k3s takes from a second (the lab) to a minute (a Pi's first start) to answer.
             await asyncio.sleep(delay)
             delay = min(delay * 2, const.LOCAL_API_POLL_MAX)

@@ -5,11 +5,12 @@ that records any token it receives. Real avahi-daemon, dbus-daemon and k3s stand
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from tests.integration.formation import PiNode, assert_one_cluster, wait_formed
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import PYTHON, node_env, wait_for
 from tests.integration.hostile import (
     FORGED,
     FORM_TIMEOUT,
@@ -87,3 +88,30 @@ def test_a_flooded_live_round_is_no_round_of_absence(lab_factory, tmp_path: Path
     liar.stop()
     (released,) = wait_formed([fresh], 60)
     assert released["mode"] == "single"
+
+
+def test_two_clusters_under_one_token_raise_the_split_brain_alarm(
+    lab_factory, tmp_path: Path
+) -> None:
+    """Two nodes form apart (an mDNS partition at power-on), each a cluster of its own; once
+    they hear each other, both say so: STATUS, the event, the verifier's single_cluster."""
+    lab = lab_factory(2)
+    lab.node(2).partition()
+    pis = [PiNode(lab.node(i), tmp_path, SUGARKUBE_SERVERS="1").start() for i in (1, 2)]
+    for released in wait_formed(pis, 60):
+        assert released["mode"] == "single"
+    assert pis[0].ca() != pis[1].ca()
+    lab.node(2).heal()
+    pis[1].restart_agent()  # publishes anew: its advert (and CA) reaches node1
+    for pi in pis:
+        assert pi.agent is not None
+        alarm = pi.agent.wait_event("split_brain", 30)
+        assert alarm["cas"] == "2" and "node1.local" in alarm["where"]
+        assert pi.node.path("/run/sugarkube/split-brain").exists()
+    status = lab.node(1).run(PYTHON, "-m", "agent", "status", "--json", env=node_env(),
+                             timeout=20)  # fmt: skip
+    assert "SPLIT BRAIN: 2 clusters advertised" in json.loads(status.stdout)["status"]
+    verify = lab.node(1).run(PYTHON, "-m", "agent", "verify", "--json", env=node_env(),
+                             timeout=120)  # fmt: skip
+    (check,) = [c for c in json.loads(verify.stdout)["checks"] if c["name"] == "single_cluster"]
+    assert check["status"] == "fail" and "split brain" in check["detail"]

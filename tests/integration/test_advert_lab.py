@@ -51,13 +51,15 @@ def test_advert_seen_under_both_types_with_exact_txt(lab_factory, tmp_path: Path
         txt = [bytes.fromhex(t).decode() for t in line["txt"]]
         key = txt[10].removeprefix("key=")  # the election key: random, 64 bits in hex
         assert re.fullmatch(r"[0-9a-f]{16}", key), txt
+        boot = txt[-1].removeprefix("boot=")  # no token here: no mac= after it
+        assert re.fullmatch(r"0{7}1[0-9a-f]{8}", boot), txt  # its first start, then random
         expected = [
             t.decode()
             for t in encode_txt(
                 Advert(  # alone, it votes for itself (election.py, rule 2)
                     cluster="sugar", env="dev", role=Role.CANDIDATE, phase="discover",
                     host="node1.local", leader="node1.local", ip4=node1.addr,
-                    ip6=node_ip6(node1), key=key, vote=key, servers="3",
+                    ip6=node_ip6(node1), key=key, vote=key, servers="3", boot=boot,
                 )
             )
         ]

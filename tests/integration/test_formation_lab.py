@@ -45,6 +45,7 @@ def test_three_fresh_nodes_form_exactly_one_cluster(lab_factory, tmp_path: Path,
     _assert_one_cluster(nodes, wait_formed(nodes, 40))
 
 
+@pytest.mark.slow  # in make test-all: make test stays under its time budget
 @pytest.mark.parametrize("seed", _seeds(10, quick=1))
 def test_three_nodes_with_5_percent_mdns_loss_form_one_cluster(
     lab_factory, tmp_path: Path, seed: int

@@ -205,9 +205,12 @@ def test_a_second_concurrent_learner_is_refused_then_joins_on_restart(
     refused = [j for j in joiners if j.events("refused")]
     assert len(refused) == 1, [j.text() for j in joiners]
     (loser,) = refused
-    assert loser.events("refused")[0]["reason"] == "too_many_learners"
+    # etcd refuses a second learner at once; on a loaded machine its MemberAdd may instead
+    # time out behind the first one's (etcd_refused): refused either way, and k3s retries.
+    reasons = {"too_many_learners", "etcd_refused"}
+    assert loser.events("refused")[0]["reason"] in reasons
     assert "k3s-unit event=restarting unit=k3s start=1 rc=1" in loser.text()
-    assert first.events("join_rejected")[0]["reason"] == "too_many_learners"
+    assert first.events("join_rejected")[0]["reason"] in reasons
     assert_one_cluster([n1, n2, n3], voters=3, timeout=20)
     for joiner in joiners:
         assert joiner.stop() == 0
@@ -375,6 +378,7 @@ def test_older_agent_flag_is_the_agent_command() -> None:
     assert (args.command, args.join_timeout) == ("agent", 3.0)
 
 
+@pytest.mark.slow  # in make test-all: make test stays under its time budget
 @pytest.mark.lab
 def test_db_info_lists_etcd_members_for_the_node_itself_only(lab_factory, spawn) -> None:
     # k3s's /db/info (IsLocalOrHasRole): what the agent asks to admit joiners

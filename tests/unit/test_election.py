@@ -182,6 +182,16 @@ def test_a_single_server_bootstraps_alone_without_cluster_init() -> None:
     assert actions.index(Bind(KEY["5"], "a.local")) < actions.index(Release("single"))
 
 
+def test_a_bootstrapper_names_its_ca_once_k3s_wrote_it_before_its_api_serves() -> None:
+    """Joiners pin the token to the advert's `ca=`: a bootstrapper whose API this node cannot
+    prove yet (its clock, a slow k3s) still names the CA it holds on disk."""
+    f = _node(servers=1)
+    Lan(f).run(20.0, stop=lambda f: f.released)
+    assert f._advertised == Advertise(Role.BOOTSTRAP, v.STARTING, "a.local", "", KEY["5"])
+    f.ca_written("c" * 64)
+    assert Advertise(Role.BOOTSTRAP, v.STARTING, "a.local", "c" * 64, KEY["5"]) in f.step(21.0)
+
+
 def test_the_lowest_key_stands_once_a_quorum_votes_for_it_then_releases_on_an_ack() -> None:
     f = _node(key="1")
     peer = _ad("b.local", Role.CANDIDATE, "5", vote="5")

@@ -305,6 +305,7 @@ def surviving_runs(text: str) -> list[int]:
     return runs
 
 
+@pytest.mark.slow  # in make test-all: make test stays under its time budget
 def test_200_appends_killed_at_random_points_lose_nothing(tmp_path: Path) -> None:
     report = tmp_path / "first-boot-report.txt"
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
