@@ -314,21 +314,20 @@ class FormationRunner:
 
     async def _prove(self, advert: NodeAdvert) -> None:
         # The CA the token goes to: the token's own pin, else the authenticated advert's `ca=`.
-        pinned = self._token.ca_hash if self._token is not None else None
+        pinned = (self._token.ca_hash if self._token is not None else None) or advert.ca
         result = None
-        if pinned or advert.ca:
+        if pinned:
             result = await prove_advert(
                 advert.address, advert.ip6, interface=self._iface.name,
-                expected_ca_sha256=pinned or advert.ca,
-                capture=self._settings.mdns.wire_proof == "on",
+                expected_ca_sha256=pinned, capture=self._settings.mdns.wire_proof == "on",
             )
         ok = result is not None and result.ok
-        reason = result.reason.value if result is not None and result.reason else (
-            RefusalReason.UNAUTHENTICATED if not (pinned or advert.ca) else "no_address"
-        )
-        why = explain(result.reason, result.detail) if result is not None else (
-            NO_CA if reason == RefusalReason.UNAUTHENTICATED else NO_ADDRESS
-        )
+        if result is not None:
+            reason = result.reason.value if result.reason else ""
+            why = explain(result.reason, result.detail)
+        else:
+            reason, why = ("no_address", NO_ADDRESS) if pinned else (
+                RefusalReason.UNAUTHENTICATED.value, NO_CA)
         if result is not None:
             self._metrics.wire_proof(result.ms_elapsed / 1000)
         if reason in (RefusalReason.CA_MISMATCH, RefusalReason.UNAUTHENTICATED):

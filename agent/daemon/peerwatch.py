@@ -95,7 +95,7 @@ class PeerWatch:
     def ignored_note(self) -> str:
         """What STATUS adds while adverts fail authentication, else ""."""
         forged = sum(r in _UNTRUSTED for r in self._ignored.values())
-        return f"; ignoring {forged} advert(s) without a valid MAC (another token, or forged)" if (
+        return f"; {forged} advert(s) ignored: no valid MAC (another token, or forged)" if (
             forged) else ""
 
     def split_brain(self) -> dict[str, list[str]]:
