@@ -128,6 +128,11 @@ ROUND_RETRY = 1.0  # s before a failed live round is asked for again (no address
 K3S_K10_PREFIX = "K10"  # token.go tokenPrefix: starts `K10<ca hash>::<credentials>` tokens
 K3S_CA_HASH_HEX = 64  # chars; token.go caHashLength = sha256.Size * 2
 K3S_CONFIG_FILE_MAX = 1 << 20  # bytes; a k3s config file is a few KiB, the cap stops a runaway one
+# The runbook's etcd snapshots, written for the servers of an etcd cluster unless the operator set
+# them (k3s's own defaults: the same schedule, 5 kept): two a day, two weeks of them.
+K3S_ETCD_SNAPSHOTS = (
+    ("etcd-snapshot-schedule-cron", "0 */12 * * *"), ("etcd-snapshot-retention", 28),
+)
 K3S_DROPIN_MODE = 0o600  # our drop-in holds the join token (DESIGN.md §A "Gates")
 K3S_DIR_MODE = 0o755  # /etc/rancher/k3s and config.yaml.d, as the k3s installer leaves them
 

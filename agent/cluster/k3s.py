@@ -256,6 +256,7 @@ class Release:
     server_url: str | None = None
     token: str | None = field(default=None, repr=False)  # raw token text, as k3s reads it
     node_labels: tuple[str, ...] = ()
+    etcd_settings: tuple[tuple[str, object], ...] = ()  # e.g. the runbook's snapshot schedule
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -271,6 +272,8 @@ class Release:
             parse_token(self.token)
         if any(not label or "\n" in label for label in self.node_labels):
             raise ValueError("node labels must be non-empty single lines")
+        if self.etcd_settings and self.mode not in ("cluster-init", "join-server"):
+            raise ValueError(f"a {self.mode} release runs no etcd to set")
 
 
 def render_dropin(release: Release) -> str:
@@ -282,6 +285,7 @@ def render_dropin(release: Release) -> str:
         values["server"] = release.server_url
     if release.token is not None:
         values["token"] = release.token
+    values.update(release.etcd_settings)
     if release.node_labels:
         # `node-label+` appends to labels the operator set in earlier files, never replaces them.
         values["node-label+"] = list(release.node_labels)

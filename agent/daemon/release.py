@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from agent import tokens
+from agent import const, tokens
 from agent.cluster import k3s
 from agent.cluster.actions import Release
 from agent.cluster.election import Formation
@@ -103,7 +103,7 @@ def write(
     impostor that took the address since). A member's record is worth a line when it cannot be
     written, never its release; a damaged ballot's file is left alone.
     """
-    operator_config_notice(root, log)
+    theirs = operator_config_notice(root, log)
     fresh = release.mode != "member"
     if release.mode != "member":
         token = settings.token.reveal() if settings.token else None
@@ -114,6 +114,8 @@ def write(
             server_url=k3s.api_url(server[0]) if server else None,
             token=token,
             node_labels=(f"sugarkube.io/cluster={settings.cluster}",),
+            etcd_settings=tuple((k, v) for k, v in const.K3S_ETCD_SNAPSHOTS if k not in theirs)
+            if release.mode in ("cluster-init", "join-server") else (),
         ))  # fmt: skip
     else:
         # A member writes no drop-in, so nothing else would remove the temporary copy (with
@@ -141,19 +143,21 @@ def write(
     return stored
 
 
-def operator_config_notice(root: Path, log: EventLog) -> None:
-    """Say so when the operator's own k3s files already decide what our drop-in writes."""
+def operator_config_notice(root: Path, log: EventLog) -> dict[str, object]:
+    """The operator's own k3s settings; say so when they already decide what our drop-in
+    writes ({} when they cannot be read: said too)."""
     try:
         theirs = k3s.merged_config(root, include_ours=False)
     except k3s.K3sConfigError as err:
         log.event("operator_k3s_config_unreadable", "warning", error=str(err))
-        return
+        return {}
     decided = sorted({"server", "cluster-init", "token"} & set(theirs))
     if decided:
         log.event(
             "operator_k3s_config", "notice", keys=",".join(decided),
             note="k3s merges config.yaml, then config.yaml.d/ in name order: later files win",
         )
+    return theirs
 
 
 def join_cut_short(root: Path, stored: ballot.Ballot) -> bool:
