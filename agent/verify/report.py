@@ -30,10 +30,11 @@ class ReportError(Exception):
 
 
 def format_timestamp(when: datetime) -> str:
-    """ISO-8601 in UTC to the second (`2025-03-01T12:00:00+00:00`); naive datetimes are refused."""
+    """ISO-8601 in UTC to the second, as the runbook's example (`2025-01-17T22:48:12Z`); naive
+    datetimes are refused."""
     if when.tzinfo is None:
         raise ValueError("the report timestamp must carry a time zone")
-    return when.astimezone(UTC).replace(microsecond=0).isoformat()
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _code(text: str) -> str:

@@ -100,7 +100,7 @@ def test_log_overrides_the_report_path_and_no_log_writes_nothing(
     verify(node, default, "--no-log", "--log", str(chosen))
     verify(node, default, "--no-log")
     assert not default.exists()
-    assert chosen.read_text().count("## 2025-03-01T12:00:05+00:00") == 1
+    assert chosen.read_text().count("## 2025-03-01T12:00:05Z") == 1
     capsys.readouterr()
 
 

@@ -84,7 +84,7 @@ def test_json_and_markdown_agree() -> None:
     assert [(c["name"], c["status"]) for c in document["checks"]] == rows
     assert [c["detail"] for c in document["checks"]] == [r.detail for r in RESULTS]
     assert document["overall"] == "fail"
-    assert document["timestamp"] == "2025-03-01T12:00:05+00:00"
+    assert document["timestamp"] == "2025-03-01T12:00:05Z"
     assert list(document) == ["checks", "hostname", "timestamp", "overall"]
 
 
@@ -121,7 +121,7 @@ def test_any_results_render_to_json_that_parses(rows: list[tuple[str, Status, st
 
 def test_timestamps_are_utc_to_the_second() -> None:
     eastern = datetime(2025, 3, 1, 7, 0, 5, tzinfo=timezone(timedelta(hours=-5)))
-    assert format_timestamp(eastern) == "2025-03-01T12:00:05+00:00"
+    assert format_timestamp(eastern) == "2025-03-01T12:00:05Z"
     with pytest.raises(ValueError, match="time zone"):
         format_timestamp(datetime(2025, 3, 1, 12, 0, 5))
 
@@ -200,7 +200,7 @@ def test_a_block_larger_than_the_cap_replaces_the_report_whole(
 ) -> None:
     monkeypatch.setattr(const, "VERIFY_REPORT_MAX", 100)
     report = tmp_path / "first-boot-report.txt"
-    append_report(report, "## 2025-03-01T00:00:00+00:00\n\nsmall\n\n")
+    append_report(report, "## 2025-03-01T00:00:00Z\n\nsmall\n\n")
     big = blocks(1)[0]
     append_report(report, big)
     assert report.read_text() == big
