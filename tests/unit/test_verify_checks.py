@@ -463,11 +463,11 @@ def test_ip_forward_missing_skips(node: FakeNode) -> None:
 # boot_media
 
 
-def test_an_sd_card_fails_with_the_etcd_warning(node: FakeNode) -> None:
+def test_an_sd_card_is_a_supported_medium_named_with_what_it_costs(node: FakeNode) -> None:
     node.write("/proc/self/mountinfo", "22 1 179:2 / / rw - ext4 /dev/mmcblk0p2 rw\n")
     result = check(node, "boot_media")
-    assert result.status is Status.FAIL
-    assert result.detail.startswith("SD card or eMMC: / is on /dev/mmcblk0p2; etcd on SD")
+    assert result.status is Status.PASS
+    assert result.detail.startswith("SD card or eMMC: / is on /dev/mmcblk0p2 (supported; etcd")
 
 
 def test_dev_root_is_resolved_through_sys_dev_block(node: FakeNode) -> None:
@@ -477,7 +477,7 @@ def test_dev_root_is_resolved_through_sys_dev_block(node: FakeNode) -> None:
     link.symlink_to(
         "../../devices/platform/axi/1000fff000.mmc/mmc_host/mmc0/block/mmcblk0/mmcblk0p2"
     )
-    assert check(node, "boot_media").status is Status.FAIL
+    assert check(node, "boot_media").detail.startswith("SD card or eMMC: / is on /dev/mmcblk0p2")
 
 
 def test_k3s_data_on_its_own_nvme_mount_passes_even_with_root_on_sd(node: FakeNode) -> None:
