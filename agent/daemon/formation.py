@@ -150,6 +150,13 @@ class FormationRunner:
         """Form or join the cluster, then keep the advert and the peer table current."""
         self._publisher.on_established = self._established
         self._publisher.on_lost = self._lost
+        if not self._damaged:
+            # The start count on disk before the first advert: this start's `boot=` compares
+            # above every earlier one, whatever power cut follows.
+            try:
+                await asyncio.to_thread(ballot.save, self._root, self._ballot)
+            except ballot.BallotError as err:
+                self._log.event("ballot_unsaved", "warning", error=str(err))
         await self._check_prerequisites()
         self._spawn(self._peers.run(self._browse_factory))
         while True:
@@ -408,7 +415,7 @@ class FormationRunner:
             status = f"link down on {self._iface.name}: waiting for the network"
         if m.member != Role.AGENT and role != Role.AGENT.value:
             status += release_io.moved_note(self._ballot, self._iface)
-        status += self._peers.split_note() + self._status_note + self._peers.mismatch_note()
+        status += await self._peers.split_note() + self._status_note + self._peers.mismatch_note()
         status += self._peers.ignored_note()
         new = (m.phase.value, status, role, peers, avahi)
         if (snap.phase, snap.status, snap.role, snap.peers, snap.avahi) != new:

@@ -8,6 +8,7 @@ weighs it. A peer that advertises another `servers=` than this node is reported 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -110,23 +111,18 @@ class PeerWatch:
                 cas.setdefault(p.advert.ca, []).append(p.advert.host)
         return cas if len(cas) > 1 else {}
 
-    def split_note(self) -> str:
-        """What STATUS adds while two cluster CAs are advertised, and the alarm's side effects
-        (event, metric, the marker the verifier reads) when that changes."""
+    async def split_note(self) -> str:
+        """What STATUS adds while two cluster CAs are advertised; when that changes, the alarm:
+        event, metric, and the marker the verifier reads (written in a thread)."""
         split = self.split_brain()
         shown = "; ".join(f"CA {ca[:12]} on {', '.join(sorted(hosts))}"
                           for ca, hosts in sorted(split.items()))  # fmt: skip
         if shown != self._split_shown:
             self._split_shown = shown
             self._metrics.cluster_cas(len(split) or 1)
-            marker = self._root / str(const.SPLIT_BRAIN_MARKER).lstrip("/")
-            with contextlib.suppress(OSError):
-                if split:
-                    self._log.event("split_brain", "error", cas=len(split), where=shown)
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(shown + "\n")
-                else:
-                    marker.unlink(missing_ok=True)
+            if split:
+                self._log.event("split_brain", "error", cas=len(split), where=shown)
+            await asyncio.to_thread(_mark_split, self._root, shown)
         return f"; SPLIT BRAIN: {len(split)} clusters advertised ({shown})" if split else ""
 
     def mismatch_note(self) -> str:
@@ -164,6 +160,17 @@ _UNTRUSTED = IGNORED_REASONS[:2]  # PeerTable.judge's reasons
 def _reason_label(reason: str) -> str:
     """A metric label for why an advert was ignored: judge's word, else `unusable`."""
     return reason if reason in _UNTRUSTED else IGNORED_REASONS[2]
+
+
+def _mark_split(root: Path, shown: str) -> None:
+    """Write (SHOWN) or remove ("") the split-brain marker; a failure leaves the STATUS line."""
+    marker = root / str(const.SPLIT_BRAIN_MARKER).lstrip("/")
+    with contextlib.suppress(OSError):
+        if shown:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(shown + "\n")
+        else:
+            marker.unlink(missing_ok=True)
 
 
 def _log_change(log: EventLog, change: Change, ms_elapsed: float) -> None:

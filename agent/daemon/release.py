@@ -39,13 +39,8 @@ def machine_from_disk(
         stored, damaged = None, str(err)
         log.event("ballot_damaged", "error", error=damaged)
     record = stored or ballot.Ballot.new()
-    if not damaged:
-        # Counted before the first advert: `boot=` of this start compares above every earlier one.
+    if not damaged:  # this start, counted: FormationRunner.run saves it before the first advert
         record = dataclasses.replace(record, starts=str(int(record.starts) + 1))
-        try:
-            ballot.save(root, record)
-        except ballot.BallotError as err:
-            log.event("ballot_unsaved", "warning", error=str(err))
     member = local.held_role(root, record.released)
     rejoin = join_cut_short(root, record)
     if rejoin:

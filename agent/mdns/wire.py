@@ -287,14 +287,19 @@ def _drop_unparsable(zc: Zeroconf) -> None:
         protocol.datagram_received = guarded  # type: ignore[method-assign]
 
 
-def _dropped(zc: Zeroconf) -> int:
-    """Datagrams the kernel dropped on ZC's sockets since they opened: /proc/net/udp's `drops`
-    column, found by socket inode. A flood that fills the receive buffer hides what it pushed
-    out (a server's answer among them); no drop counter readable counts as none."""
+def _inodes(zc: Zeroconf) -> set[int]:
+    """The socket inodes of ZC's readers (on the loop: the sockets are the loop's)."""
     inodes = set()
     for transport in zc.engine.readers:
         with suppress(OSError, AttributeError):
             inodes.add(os.fstat(transport.get_extra_info("socket").fileno()).st_ino)
+    return inodes
+
+
+def _dropped(inodes: set[int]) -> int:
+    """Datagrams the kernel dropped on the sockets INODES since they opened: /proc/net/udp's
+    `drops` column (blocking reads: run in a thread). A flood that fills the receive buffer
+    hides what it pushed out (a server's answer among them); no counter readable counts as none."""
     total = 0
     for table in ("/proc/net/udp", "/proc/net/udp6"):
         with suppress(OSError, ValueError), open(table, encoding="ascii") as stream:
@@ -392,7 +397,7 @@ async def live_round(
         if questions := collector.missing():
             zc.async_send(_query(questions))
         await asyncio.sleep(start + window - loop.time())
-        dropped = _dropped(zc) if complete else 0
+        dropped = await asyncio.to_thread(_dropped, _inodes(zc)) if complete else 0
     if complete and (why := collector.incomplete(dropped)):
         raise IncompleteRound(why)
     return collector.records()

@@ -52,14 +52,14 @@ class Adversary:
 
 def still_a_peer(pi: PiNode, prefix: str) -> bool:
     """Whether PI's agent holds a peer whose instance name starts with PREFIX (under Avahi's
-    alternative name too, `... #2`): its last peer event for such a name is no removal."""
+    alternative name too, `... #2`): some such name's last peer event is no removal."""
     assert pi.agent is not None
-    last = ""
+    last: dict[str, str] = {}
     for line in pi.agent.text().splitlines():
         event = parse_event(line)
         if event.get("event", "").startswith("peer_") and event.get("name", "").startswith(prefix):
-            last = event["event"]
-    return last in ("peer_added", "peer_updated")
+            last[event["name"]] = event["event"]
+    return any(kind in ("peer_added", "peer_updated") for kind in last.values())
 
 
 def ignored(pi: PiNode, reason: str) -> set[str]:
